@@ -1,0 +1,1 @@
+"""Front ends over the library: the ``danlu`` CLI, terminal chat, the demo."""

