@@ -193,7 +193,7 @@ def _flatten(raw: dict, lines: dict[str, int], path: Path) -> list[tuple[str, An
     """Turn ``{train: {lr: 1}}`` into ``[("train.lr", 1)]``; dict-typed fields stay whole."""
     items: list[tuple[str, Any]] = []
     for section, body in raw.items():
-        if section in SECTIONS and not isinstance(body, dict):
+        if section in SECTIONS and body is not None and not isinstance(body, dict):
             raise UserError(f"{_where(path, lines.get(section))}: section '{section}' must be a mapping")
         if section not in SECTIONS or body is None:
             items.append((str(section), body))
@@ -215,7 +215,8 @@ def _assign(cfg: Config, dotted: str, value: Any, *, where: str, base: Path | No
     key = parts[1]
     if key not in hints:
         known = [f"{section}.{k}" for k in hints]
-        raise UserError(f"{where}: unknown key '{section}.{key}'{_suggest(f'{section}.{key}', known)}")
+        hint = f"; did you mean '{_SYNONYMS[key]}'?" if key in _SYNONYMS else _suggest(f"{section}.{key}", known)
+        raise UserError(f"{where}: unknown key '{section}.{key}'{hint}")
     full = f"{section}.{key}"
     if len(parts) > 2:  # data.placeholders.name=Ada sets one entry of a dict field
         if _origin(hints[key]) is not dict:
@@ -231,6 +232,22 @@ def _assign(cfg: Config, dotted: str, value: Any, *, where: str, base: Path | No
         if not Path(value).is_absolute() and candidate.exists():
             value = str(candidate.resolve())
     setattr(obj, key, value)
+
+
+# Names other trainers (Hugging Face Trainer, PEFT) use for our keys. Spelling similarity alone
+# gets these wrong: it offers train.warmup_ratio for train.learning_rate.
+_SYNONYMS = {
+    "learning_rate": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "lr_scheduler_type": "train.scheduler",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "output_dir": "output.dir",
+}
 
 
 def _first_key(section: str) -> str:

@@ -130,6 +130,7 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> Tra
             loss_sum += loss.item()
         if not math.isfinite(loss_sum):
             raise UserError(f"loss became {loss_sum} at step {step}; lower train.lr or check the data")
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         if scaler:
             scaler.unscale_(optimizer)
         grad_norm = _clip(params, cfg.train.max_grad_norm)
@@ -141,7 +142,6 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> Tra
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_per_s = sum(int(b["attention_mask"].sum()) for b in group) / (time.perf_counter() - tic)
-        lr = scheduler.get_last_lr()[0]
         result.losses.append(loss_sum)
         if step % cfg.train.log_every == 0 or step == total:
             logger.log(step, loss=loss_sum, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)

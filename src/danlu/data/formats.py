@@ -65,13 +65,19 @@ def _read_array(text: str, p: Path) -> list[Record]:
     decoder = json.JSONDecoder()
     start = text.index("[")
     try:
-        data, _ = decoder.raw_decode(text, start)
+        data, stop = decoder.raw_decode(text, start)
     except json.JSONDecodeError as e:
         raise UserError(f"{p}:{e.lineno}: malformed JSON ({e.msg}): {_snippet(text, e.pos)}") from None
+    rest = len(text) - len(text[stop:].lstrip())
+    if rest < len(text):  # e.g. two arrays glued together: never drop records silently
+        line = text.count("\n", 0, rest) + 1
+        raise UserError(f"{p}:{line}: extra text after the JSON array: {_snippet(text, rest)}")
+    if not data:
+        raise UserError(f"{p}: the JSON array is empty; it needs at least one record")
     # Find each element's line by decoding the array element by element.
     records, pos = [], start + 1
     for item in data:
-        while text[pos] in " \t\n,":
+        while text[pos] in " \t\r\n,":
             pos += 1
         _, end = decoder.raw_decode(text, pos)
         records.append(Record(item, str(p), text.count("\n", 0, pos) + 1))
@@ -165,7 +171,7 @@ _ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": 
 
 
 def _messages(record: Record) -> list[Message]:
-    items = record.data["messages"]
+    items = record.data.get("messages")
     if not isinstance(items, list) or not items:
         raise UserError(f"{record.where()}: field 'messages' must be a non-empty list")
     out = []
@@ -178,7 +184,7 @@ def _messages(record: Record) -> list[Message]:
 
 
 def _sharegpt(record: Record) -> list[Message]:
-    items = record.data["conversations"]
+    items = record.data.get("conversations")
     if not isinstance(items, list) or not items:
         raise UserError(f"{record.where()}: field 'conversations' must be a non-empty list")
     out = []
@@ -195,7 +201,7 @@ def _sharegpt(record: Record) -> list[Message]:
 
 def _conversation(record: Record) -> list[Message]:
     d = record.data
-    turns = d["conversation"]
+    turns = d.get("conversation")
     if not isinstance(turns, list) or not turns:
         raise UserError(f"{record.where()}: field 'conversation' must be a non-empty list")
     out: list[Message] = []
@@ -204,8 +210,9 @@ def _conversation(record: Record) -> list[Message]:
         if not isinstance(turn, dict):
             raise UserError(f"{record.where()}: conversation[{i}] must be an object")
         system = system or _text(record, turn, "system", required=False)
-        user_key = "human" if "human" in turn else "input"
-        bot_key = "assistant" if "assistant" in turn else "output"
+        # Firefly pairs human/assistant, XTuner input/output: name the missing one of the pair in use
+        user_key = "human" if "human" in turn or ("input" not in turn and "assistant" in turn) else "input"
+        bot_key = "assistant" if "assistant" in turn or ("output" not in turn and user_key == "human") else "output"
         out.append({"role": "user", "content": _text(record, turn, user_key, field_name=f"conversation[{i}].{user_key}")})
         out.append({"role": "assistant", "content": _text(record, turn, bot_key, field_name=f"conversation[{i}].{bot_key}")})
     return ([{"role": "system", "content": system}] if system else []) + out

