@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,11 +20,19 @@ PRESETS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _quiet_libraries() -> None:
+    """danlu's own progress and messages only: library progress bars and deprecation chatter off."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.INFO, format="danlu: %(message)s")
     for noisy in ("transformers", "peft", "accelerate", "torch", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 # ------------------------------------------------------------------------------ verbs
