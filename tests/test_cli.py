@@ -43,7 +43,9 @@ def data_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "run.yaml"
-    path.write_text("train:\n  max_steps: 1\n  batch_size: 1\noutput:\n  tensorboard: false\n", encoding="utf-8")
+    path.write_text(
+        "train:\n  max_steps: 1\n  batch_size: 1\noutput:\n  tensorboard: false\n", encoding="utf-8"
+    )
     return path
 
 
@@ -74,8 +76,14 @@ def test_train_help_lists_config_keys(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "config keys:" in out
-    for key in ("train.lr", "train.batch_size", "lora.target_modules", "data.placeholders", "output.dir",
-                "model.path"):
+    for key in (
+        "train.lr",
+        "train.batch_size",
+        "lora.target_modules",
+        "data.placeholders",
+        "output.dir",
+        "model.path",
+    ):
         assert f"  {key} (" in out
     assert "--overwrite" in out
 
@@ -117,14 +125,14 @@ def test_unknown_config_key_in_file_names_line(capsys, tmp_path):
 def test_wrong_value_type(capsys, tmp_path, config_file):
     out = tmp_path / "out"
     code, _, err = run(capsys, "train", config_file, "train.batch_size=four", f"output.dir={out}")
-    assert_user_error(code, err, "train.batch_size must be integer")
+    assert_user_error(code, err, "train.batch_size must be an integer")
     assert not out.exists()
 
 
 def test_overrides_after_flags_are_applied(capsys, tmp_path, config_file):
     out = tmp_path / "out"
     code, _, err = run(capsys, "train", config_file, "--no-progress", "train.lr=fast", f"output.dir={out}")
-    assert_user_error(code, err, "train.lr must be number")
+    assert_user_error(code, err, "train.lr must be a number")
     assert not out.exists()
 
 
@@ -135,8 +143,14 @@ def test_missing_config_file(capsys, tmp_path):
 
 def test_missing_data_file(capsys, tmp_path, config_file, tiny_model_dir):
     out = tmp_path / "out"
-    code, _, err = run(capsys, "train", config_file, f"model.path={tiny_model_dir}",
-                       f"data.path={tmp_path / 'nope.jsonl'}", f"output.dir={out}")
+    code, _, err = run(
+        capsys,
+        "train",
+        config_file,
+        f"model.path={tiny_model_dir}",
+        f"data.path={tmp_path / 'nope.jsonl'}",
+        f"output.dir={out}",
+    )
     assert_user_error(code, err, "data file not found", "nope.jsonl")
     assert not out.exists()
 
@@ -152,8 +166,9 @@ def test_empty_dataset_file(capsys, tmp_path, config_file, tiny_model_dir):
     data = tmp_path / "empty.jsonl"
     data.write_text("", encoding="utf-8")
     out = tmp_path / "out"
-    code, _, err = run(capsys, "train", config_file, f"model.path={tiny_model_dir}", f"data.path={data}",
-                       f"output.dir={out}")
+    code, _, err = run(
+        capsys, "train", config_file, f"model.path={tiny_model_dir}", f"data.path={data}", f"output.dir={out}"
+    )
     assert_user_error(code, err, str(data), "empty")
     assert not out.exists()
 
@@ -161,16 +176,23 @@ def test_empty_dataset_file(capsys, tmp_path, config_file, tiny_model_dir):
 def test_bad_record_names_file_and_line(capsys, tmp_path, config_file, tiny_model_dir):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "q", "output": "a"}, {"instruction": "q"}])
     out = tmp_path / "out"
-    code, _, err = run(capsys, "train", config_file, f"model.path={tiny_model_dir}", f"data.path={data}",
-                       f"output.dir={out}")
+    code, _, err = run(
+        capsys, "train", config_file, f"model.path={tiny_model_dir}", f"data.path={data}", f"output.dir={out}"
+    )
     assert_user_error(code, err, f"{data}:2:", "'output'")
     assert not out.exists()
 
 
 def test_missing_model_path(capsys, tmp_path, config_file, data_file):
     out = tmp_path / "out"
-    code, _, err = run(capsys, "train", config_file, "model.path=/nonexistent/dir", f"data.path={data_file}",
-                       f"output.dir={out}")
+    code, _, err = run(
+        capsys,
+        "train",
+        config_file,
+        "model.path=/nonexistent/dir",
+        f"data.path={data_file}",
+        f"output.dir={out}",
+    )
     assert_user_error(code, err, "model.path /nonexistent/dir")
     assert not out.exists()
 
@@ -179,8 +201,9 @@ def test_model_folder_without_config_json(capsys, tmp_path, config_file, data_fi
     model = tmp_path / "model"
     model.mkdir()
     out = tmp_path / "out"
-    code, _, err = run(capsys, "train", config_file, f"model.path={model}", f"data.path={data_file}",
-                       f"output.dir={out}")
+    code, _, err = run(
+        capsys, "train", config_file, f"model.path={model}", f"data.path={data_file}", f"output.dir={out}"
+    )
     assert_user_error(code, err, "config.json")
     assert not out.exists()
 
@@ -193,8 +216,14 @@ def test_existing_run_refused_without_overwrite(capsys, tmp_path, config_file, d
     out.mkdir()
     (out / CONFIG_FILENAME).write_text("train:\n  lr: 0.1\n", encoding="utf-8")
     (out / "keep.txt").write_text("previous run", encoding="utf-8")
-    code, _, err = run(capsys, "train", config_file, f"model.path={tiny_model_dir}", f"data.path={data_file}",
-                       f"output.dir={out}")
+    code, _, err = run(
+        capsys,
+        "train",
+        config_file,
+        f"model.path={tiny_model_dir}",
+        f"data.path={data_file}",
+        f"output.dir={out}",
+    )
     assert_user_error(code, err, "already holds a run", "--overwrite")
     assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_FILENAME, "keep.txt"])
     assert (out / CONFIG_FILENAME).read_text(encoding="utf-8") == "train:\n  lr: 0.1\n"
@@ -206,8 +235,15 @@ def test_foreign_folder_refused_even_with_overwrite(capsys, tmp_path, config_fil
     (out / "sub").mkdir(parents=True)
     (out / "thesis.tex").write_text("years of work", encoding="utf-8")
     (out / "sub" / "data.bin").write_bytes(b"\x00\x01")
-    code, _, err = run(capsys, "train", config_file, "--overwrite", f"model.path={tiny_model_dir}",
-                       f"data.path={data_file}", f"output.dir={out}")
+    code, _, err = run(
+        capsys,
+        "train",
+        config_file,
+        "--overwrite",
+        f"model.path={tiny_model_dir}",
+        f"data.path={data_file}",
+        f"output.dir={out}",
+    )
     assert_user_error(code, err, "holds no danlu run")
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["sub", "sub/data.bin", "thesis.tex"]
     assert (out / "thesis.tex").read_text(encoding="utf-8") == "years of work"

@@ -57,7 +57,9 @@ def test_default_mutables_are_not_shared():
 
 
 def test_yaml_file(tmp_path):
-    path = write(tmp_path / "run.yaml", """\
+    path = write(
+        tmp_path / "run.yaml",
+        """\
 model:
   path: some/model
   dtype: bf16
@@ -72,7 +74,8 @@ train:
   scheduler: linear
 output:
   dir: out/x
-""")
+""",
+    )
     cfg = load_config(path)
     assert cfg.model.path == "some/model"
     assert cfg.model.dtype == "bf16"
@@ -90,10 +93,16 @@ output:
 
 
 def test_json_file(tmp_path):
-    path = write(tmp_path / "run.json", json.dumps({
-        "train": {"lr": 0.001, "epochs": 2, "precision": "fp32"},
-        "data": {"max_seq_length": 128, "system": "Be brief.", "placeholders": {"name": "Ada"}},
-    }, indent=2))
+    path = write(
+        tmp_path / "run.json",
+        json.dumps(
+            {
+                "train": {"lr": 0.001, "epochs": 2, "precision": "fp32"},
+                "data": {"max_seq_length": 128, "system": "Be brief.", "placeholders": {"name": "Ada"}},
+            },
+            indent=2,
+        ),
+    )
     cfg = load_config(path)
     assert cfg.train.lr == pytest.approx(0.001)
     assert cfg.train.epochs == 2.0
@@ -127,14 +136,17 @@ def test_config_file_not_found(tmp_path):
 
 
 def test_dotted_overrides():
-    cfg = load_config(None, [
-        "train.lr=1e-4",
-        "train.max_steps=5",
-        "train.batch_size=3",
-        "model.trust_remote_code=true",
-        "data.system=You are terse.",
-        "output.dir=out/try2",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=1e-4",
+            "train.max_steps=5",
+            "train.batch_size=3",
+            "model.trust_remote_code=true",
+            "data.system=You are terse.",
+            "output.dir=out/try2",
+        ],
+    )
     assert cfg.train.lr == pytest.approx(1e-4)
     assert cfg.train.max_steps == 5
     assert cfg.train.batch_size == 3
@@ -242,18 +254,21 @@ def test_wrong_type_names_the_key(tmp_path):
     path = write(tmp_path / "c.yaml", "train:\n  batch_size: four\n")
     message = error_of(path)
     assert message.startswith(f"{path}:2:")
-    assert "train.batch_size must be integer" in message
+    assert "train.batch_size must be an integer" in message
     assert "'four'" in message
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("train.lr=fast", "train.lr must be number"),
-    ("train.gradient_checkpointing=maybe", "train.gradient_checkpointing must be true/false"),
-    ("train.batch_size=2.5", "train.batch_size must be integer"),
-    ("train.batch_size=true", "train.batch_size must be integer"),
-    ("data.placeholders=[a]", "data.placeholders must be mapping"),
-    ("train.max_steps=lots", "train.max_steps must be integer | null"),
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.lr=fast", "train.lr must be a number"),
+        ("train.gradient_checkpointing=maybe", "train.gradient_checkpointing must be true or false"),
+        ("train.batch_size=2.5", "train.batch_size must be an integer"),
+        ("train.batch_size=true", "train.batch_size must be an integer"),
+        ("data.placeholders=[a]", "data.placeholders must be mapping"),
+        ("train.max_steps=lots", "train.max_steps must be an integer or null"),
+    ],
+)
 def test_wrong_types_on_command_line(override, key):
     message = error_of(None, [override])
     assert message.startswith("command line:")
@@ -335,18 +350,21 @@ def test_non_path_keys_are_never_resolved(tmp_path):
 # ------------------------------------------------------------------------ validate
 
 
-@pytest.mark.parametrize(("overrides", "fragment"), [
-    (["train.batch_size=0"], "train.batch_size must be at least 1"),
-    (["train.epochs=0"], "train.epochs > 0 or train.max_steps > 0"),
-    (["train.grad_accum=0"], "train.grad_accum must be at least 1"),
-    (["train.lr=0"], "train.lr must be positive"),
-    (["train.max_steps=0", "train.epochs=1"], "train.max_steps must be positive"),
-    (["train.warmup_ratio=1"], "train.warmup_ratio"),
-    (["lora.r=0"], "lora.r must be at least 1"),
-    (["lora.dropout=1"], "lora.dropout"),
-    (["data.max_seq_length=4"], "data.max_seq_length must be at least 8"),
-    (["output.dir="], "output.dir must not be empty"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["train.batch_size=0"], "train.batch_size must be at least 1"),
+        (["train.epochs=0"], "train.epochs > 0 or train.max_steps > 0"),
+        (["train.grad_accum=0"], "train.grad_accum must be at least 1"),
+        (["train.lr=0"], "train.lr must be positive"),
+        (["train.max_steps=0", "train.epochs=1"], "train.max_steps must be positive"),
+        (["train.warmup_ratio=1"], "train.warmup_ratio"),
+        (["lora.r=0"], "lora.r must be at least 1"),
+        (["lora.dropout=1"], "lora.dropout"),
+        (["data.max_seq_length=4"], "data.max_seq_length must be at least 8"),
+        (["output.dir="], "output.dir must not be empty"),
+    ],
+)
 def test_validate_errors(overrides, fragment):
     message = error_of(None, overrides)
     assert message.startswith("config:")
@@ -371,11 +389,21 @@ def test_validate_on_an_edited_config():
 
 
 def test_save_then_load_round_trip(tmp_path):
-    cfg = load_config(None, [
-        "model.path=org/name", "data.path=/abs/train.jsonl", "data.system=Hi there.",
-        "data.placeholders.name=艾达", "lora.target_modules=[q_proj,v_proj]", "lora.alpha=24",
-        "train.lr=3e-5", "train.max_steps=7", "train.scheduler=linear", "output.tensorboard=false",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.path=org/name",
+            "data.path=/abs/train.jsonl",
+            "data.system=Hi there.",
+            "data.placeholders.name=艾达",
+            "lora.target_modules=[q_proj,v_proj]",
+            "lora.alpha=24",
+            "train.lr=3e-5",
+            "train.max_steps=7",
+            "train.scheduler=linear",
+            "output.tensorboard=false",
+        ],
+    )
     path = tmp_path / "saved.yaml"
     save_config(cfg, path)
     again = load_config(path)
@@ -403,8 +431,8 @@ def test_describe_mentions_every_field():
         for f in dataclasses.fields(cls):
             assert f"  {section}.{f.name} (" in text, f"{section}.{f.name} missing from describe()"
             assert f.metadata["help"] in text
-    assert "train.scheduler (constant | constant_with_warmup | linear | cosine, default \"cosine\")" in text
-    assert "train.max_steps (integer | null, default null)" in text
+    assert 'train.scheduler (one of constant, constant_with_warmup, linear, cosine, default "cosine")' in text
+    assert "train.max_steps (an integer or null, default null)" in text
 
 
 def test_tmp_cwd_is_untouched(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,9 @@ def test_demo_prints_base_and_tuned_answers_to_held_out_questions(demo):
         assert tuned.startswith("  tuned:") and NAME in tuned, block
 
 
-@pytest.mark.parametrize("question", ["你是谁？", "介绍一下你自己", "Who are you?", "What should I call you?"])
+@pytest.mark.parametrize(
+    "question", ["你是谁？", "介绍一下你自己", "Who are you?", "What should I call you?"]
+)
 def test_tuned_model_carries_the_new_identity_in_both_languages(engine, question):
     messages = [{"role": "user", "content": question}]
     assert NAME in engine.reply(messages, GREEDY)
@@ -68,7 +71,9 @@ def test_plain_peft_gives_the_same_logits_as_the_chat_path(engine, demo, default
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(default_model_dir), adapter).eval()
     messages = [{"role": "user", "content": "Who are you?"}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")[
+        "input_ids"
+    ]
     with torch.inference_mode():
         plain = model(input_ids=ids).logits.float()
     ours = engine.logits(messages)
@@ -81,22 +86,26 @@ def test_plain_peft_gives_the_same_logits_as_the_chat_path(engine, demo, default
 def run_chat(*args: str, stdin: str) -> str:
     proc = subprocess.run(
         [sys.executable, "-m", "danlu", "chat", *args, "--temperature", "0", "--max-new-tokens", "30"],
-        input=stdin, capture_output=True, text=True, timeout=600,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
 
 def test_chat_cli_multi_turn_with_adapter_and_commands(demo):
-    out = run_chat("--adapter", str(demo[0]), stdin="Who are you?\n/reset\n/system Answer briefly.\n你是谁？\n/exit\n")
-    replies = [line for line in out.splitlines() if line.startswith("assistant> ")]
+    out = run_chat(
+        "--adapter", str(demo[0]), stdin="Who are you?\n/reset\n/system Answer briefly.\n你是谁？\n/exit\n"
+    )
+    replies = re.findall(r"assistant> (.*)", out)
     assert len(replies) == 2 and all(NAME in r for r in replies), out
     assert "(conversation cleared)" in out and "system prompt set" in out
 
 
 def test_chat_cli_compare_shows_base_and_tuned(demo):
     out = run_chat("--adapter", str(demo[0]), "--compare", stdin="Who are you?\n")
-    base = [line for line in out.splitlines() if line.startswith("base> ")]
-    tuned = [line for line in out.splitlines() if line.startswith("tuned> ")]
+    base, tuned = re.findall(r"base> (.*)", out), re.findall(r"tuned> (.*)", out)
     assert len(base) == 1 and len(tuned) == 1
     assert NAME not in base[0] and NAME in tuned[0]

@@ -65,13 +65,15 @@ def test_alpaca_input_only():
 
 
 def test_alpaca_system_and_history():
-    got = convert({
-        "system": "You are kind.",
-        "history": [["q1", "a1"], ["q2", "a2"]],
-        "instruction": "q3",
-        "input": "",
-        "output": "a3",
-    })
+    got = convert(
+        {
+            "system": "You are kind.",
+            "history": [["q1", "a1"], ["q2", "a2"]],
+            "instruction": "q3",
+            "input": "",
+            "output": "a3",
+        }
+    )
     assert got == [S("You are kind."), U("q1"), A("a1"), U("q2"), A("a2"), U("q3"), A("a3")]
 
 
@@ -85,31 +87,44 @@ def test_openai_messages():
 
 
 def test_openai_messages_keep_extra_keys_and_allow_empty_user():
-    got = convert({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "ok", "name": "bot"}]})
+    got = convert(
+        {
+            "messages": [
+                {"role": "user", "content": None},
+                {"role": "assistant", "content": "ok", "name": "bot"},
+            ]
+        }
+    )
     assert got == [U(""), {"role": "assistant", "content": "ok", "name": "bot"}]
 
 
 def test_sharegpt():
-    got = convert({"conversations": [
-        {"from": "system", "value": "Be short."},
-        {"from": "human", "value": "Hi"},
-        {"from": "gpt", "value": "Hello"},
-        {"from": "human", "value": "Bye"},
-        {"from": "gpt", "value": "Ciao"},
-    ]})
+    got = convert(
+        {
+            "conversations": [
+                {"from": "system", "value": "Be short."},
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello"},
+                {"from": "human", "value": "Bye"},
+                {"from": "gpt", "value": "Ciao"},
+            ]
+        }
+    )
     assert got == [S("Be short."), U("Hi"), A("Hello"), U("Bye"), A("Ciao")]
 
 
 def test_firefly_conversation_ignores_extra_fields():
-    got = convert({
-        "conversation_id": 7,
-        "category": "Brainstorming",
-        "dataset": "moss",
-        "conversation": [
-            {"human": "q1", "assistant": "a1", "extra": "ignored"},
-            {"human": "q2", "assistant": "a2"},
-        ],
-    })
+    got = convert(
+        {
+            "conversation_id": 7,
+            "category": "Brainstorming",
+            "dataset": "moss",
+            "conversation": [
+                {"human": "q1", "assistant": "a1", "extra": "ignored"},
+                {"human": "q2", "assistant": "a2"},
+            ],
+        }
+    )
     assert got == [U("q1"), A("a1"), U("q2"), A("a2")]
 
 
@@ -119,23 +134,30 @@ def test_firefly_conversation_with_top_level_system():
 
 
 def test_xtuner_conversation_system_in_first_turn():
-    got = convert({"conversation": [
-        {"system": "You are Ada.", "input": "Who are you?", "output": "Ada."},
-        {"input": "Sure?", "output": "Yes."},
-    ]})
+    got = convert(
+        {
+            "conversation": [
+                {"system": "You are Ada.", "input": "Who are you?", "output": "Ada."},
+                {"input": "Sure?", "output": "Yes."},
+            ]
+        }
+    )
     assert got == [S("You are Ada."), U("Who are you?"), A("Ada."), U("Sure?"), A("Yes.")]
 
 
 # ------------------------------------------------------------------------ detection
 
 
-@pytest.mark.parametrize(("data", "fmt"), [
-    ({"instruction": "a", "output": "b"}, "alpaca"),
-    ({"output": "b"}, "alpaca"),
-    ({"messages": []}, "messages"),
-    ({"conversations": []}, "sharegpt"),
-    ({"conversation": []}, "conversation"),
-])
+@pytest.mark.parametrize(
+    ("data", "fmt"),
+    [
+        ({"instruction": "a", "output": "b"}, "alpaca"),
+        ({"output": "b"}, "alpaca"),
+        ({"messages": []}, "messages"),
+        ({"conversations": []}, "sharegpt"),
+        ({"conversation": []}, "conversation"),
+    ],
+)
 def test_detect_format(data, fmt):
     assert detect_format(rec(data)) == fmt
     assert fmt in FORMATS
@@ -148,9 +170,14 @@ def test_detect_format_unknown_keys():
     assert "data.format" in message
 
 
-@pytest.mark.parametrize(("fmt", "field"), [
-    ("sharegpt", "conversations"), ("messages", "messages"), ("conversation", "conversation"),
-])
+@pytest.mark.parametrize(
+    ("fmt", "field"),
+    [
+        ("sharegpt", "conversations"),
+        ("messages", "messages"),
+        ("conversation", "conversation"),
+    ],
+)
 def test_explicit_format_wrong_for_record_is_a_user_error(fmt, field):
     # alpaca keys, but data.format says otherwise: that reader names its own missing field
     message = user_error(to_messages, rec({"instruction": "a", "output": "b"}, line=3), fmt)
@@ -179,7 +206,9 @@ def test_json_lines(tmp_path):
 
 def test_json_lines_skip_blank_lines_and_keep_line_numbers(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text("\n" + json.dumps(RECORDS[0]) + "\n\n  \n" + json.dumps(RECORDS[1]) + "\n", encoding="utf-8")
+    path.write_text(
+        "\n" + json.dumps(RECORDS[0]) + "\n\n  \n" + json.dumps(RECORDS[1]) + "\n", encoding="utf-8"
+    )
     assert [r.line for r in read_records(path)] == [2, 5]
 
 
@@ -246,8 +275,10 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
 
 def test_malformed_json_array_names_line(tmp_path):
     path = tmp_path / "d.json"
-    path.write_text('[\n  {"instruction": "q", "output": "a"},\n  {"instruction": "q" "output": "a"}\n]\n',
-                    encoding="utf-8")
+    path.write_text(
+        '[\n  {"instruction": "q", "output": "a"},\n  {"instruction": "q" "output": "a"}\n]\n',
+        encoding="utf-8",
+    )
     message = user_error(read_records, path)
     assert message.startswith(f"{path}:3:")
     assert "malformed JSON" in message
@@ -269,34 +300,55 @@ def test_empty_json_array(tmp_path):
     assert "empty" in message
 
 
-@pytest.mark.parametrize(("data", "fragment"), [
-    ({"instruction": "q"}, "field 'output' is missing or empty"),
-    ({"instruction": "q", "output": "  "}, "field 'output' is missing or empty"),
-    ({"instruction": "", "input": "", "output": "a"}, "field 'instruction' is missing or empty"),
-    ({"conversations": [{"from": "human", "value": ""}]}, "field 'conversations[0].value' is missing or empty"),
-    ({"conversation": [{"human": "q"}]}, "field 'conversation[0].assistant' is missing or empty"),
-    ({"conversation": [{"input": "q", "output": None}]}, "field 'conversation[0].output' is missing or empty"),
-    ({"messages": [U("q"), {"role": "assistant", "content": ""}]}, "field 'messages[1].content' is missing or empty"),
-    ({"messages": []}, "field 'messages' must be a non-empty list"),
-    ({"conversations": "hi"}, "field 'conversations' must be a non-empty list"),
-    ({"conversation": []}, "field 'conversation' must be a non-empty list"),
-])
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"instruction": "q"}, "field 'output' is missing or empty"),
+        ({"instruction": "q", "output": "  "}, "field 'output' is missing or empty"),
+        ({"instruction": "", "input": "", "output": "a"}, "field 'instruction' is missing or empty"),
+        (
+            {"conversations": [{"from": "human", "value": ""}]},
+            "field 'conversations[0].value' is missing or empty",
+        ),
+        ({"conversation": [{"human": "q"}]}, "field 'conversation[0].assistant' is missing or empty"),
+        (
+            {"conversation": [{"input": "q", "output": None}]},
+            "field 'conversation[0].output' is missing or empty",
+        ),
+        (
+            {"messages": [U("q"), {"role": "assistant", "content": ""}]},
+            "field 'messages[1].content' is missing or empty",
+        ),
+        ({"messages": []}, "field 'messages' must be a non-empty list"),
+        ({"conversations": "hi"}, "field 'conversations' must be a non-empty list"),
+        ({"conversation": []}, "field 'conversation' must be a non-empty list"),
+    ],
+)
 def test_missing_or_empty_field_names_line_and_field(data, fragment):
     message = user_error(lambda: to_messages(rec(data, line=9), detect_format(rec(data))))
     assert message.startswith("d.jsonl:9:")
     assert fragment in message
 
 
-@pytest.mark.parametrize(("data", "fragment"), [
-    ({"instruction": "q", "output": 3}, "field 'output' must be text, got int"),
-    ({"instruction": ["q"], "output": "a"}, "field 'instruction' must be text, got list"),
-    ({"instruction": "q", "output": "a", "history": "x"}, "field 'history' must be a list"),
-    ({"instruction": "q", "output": "a", "history": [["only one"]]}, "history[0] must be a [question, answer] pair"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role must be"),
-    ({"messages": [U("q"), {"role": "assistant", "content": {"a": 1}}]}, "'messages[1].content' must be text, got dict"),
-    ({"conversations": [{"from": "bot", "value": "x"}]}, "conversations[0].from must be"),
-    ({"conversation": ["q"]}, "conversation[0] must be an object"),
-])
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"instruction": "q", "output": 3}, "field 'output' must be text, got int"),
+        ({"instruction": ["q"], "output": "a"}, "field 'instruction' must be text, got list"),
+        ({"instruction": "q", "output": "a", "history": "x"}, "field 'history' must be a list"),
+        (
+            {"instruction": "q", "output": "a", "history": [["only one"]]},
+            "history[0] must be a [question, answer] pair",
+        ),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role must be"),
+        (
+            {"messages": [U("q"), {"role": "assistant", "content": {"a": 1}}]},
+            "'messages[1].content' must be text, got dict",
+        ),
+        ({"conversations": [{"from": "bot", "value": "x"}]}, "conversations[0].from must be"),
+        ({"conversation": ["q"]}, "conversation[0] must be an object"),
+    ],
+)
 def test_wrong_types(data, fragment):
     message = user_error(lambda: to_messages(rec(data, line=4), detect_format(rec(data))))
     assert message.startswith("d.jsonl:4:")
@@ -361,7 +413,9 @@ def test_fill_placeholders():
 def test_fill_placeholders_keeps_other_keys_and_handles_empty_values():
     messages = [{"role": "assistant", "content": "{{name}}", "name": "bot"}]
     assert fill_placeholders(messages, {}) == messages
-    assert fill_placeholders(messages, {"name": "Ada"}) == [{"role": "assistant", "content": "Ada", "name": "bot"}]
+    assert fill_placeholders(messages, {"name": "Ada"}) == [
+        {"role": "assistant", "content": "Ada", "name": "bot"}
+    ]
 
 
 # -------------------------------------------------------------- load_conversations
@@ -378,10 +432,13 @@ def test_load_conversations_detects_and_fills(tmp_path):
 
 
 def test_load_conversations_system_added_only_when_missing(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        {"messages": [U("q1"), A("a1")]},
-        {"messages": [S("own system"), U("q2"), A("a2")]},
-    ])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"messages": [U("q1"), A("a1")]},
+            {"messages": [S("own system"), U("q2"), A("a2")]},
+        ],
+    )
     conversations, fmt = load_conversations(DataConfig(path=str(path), system="Default sys."))
     assert fmt == "messages"
     assert [m for _, m in conversations] == [
@@ -397,18 +454,23 @@ def test_load_conversations_without_system_setting_adds_none(tmp_path):
 
 
 def test_load_conversations_needs_an_assistant_turn(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        {"messages": [U("q"), A("a")]},
-        {"messages": [S("s"), U("only a question")]},
-    ])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"messages": [U("q"), A("a")]},
+            {"messages": [S("s"), U("only a question")]},
+        ],
+    )
     message = user_error(load_conversations, DataConfig(path=str(path), system="x"))
     assert message.startswith(f"{path}:2:")
     assert "no assistant" in message
 
 
 def test_load_conversations_explicit_format(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"conversations": [{"from": "human", "value": "q"},
-                                                                    {"from": "gpt", "value": "a"}]}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}],
+    )
     conversations, fmt = load_conversations(DataConfig(path=str(path), format="sharegpt"))
     assert fmt == "sharegpt"
     assert conversations[0][1] == [U("q"), A("a")]
@@ -425,7 +487,9 @@ def test_load_conversations_empty_array_is_a_user_error(tmp_path):
 
 
 def test_load_conversations_warns_about_unfilled_placeholders(tmp_path, caplog):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "hi", "output": "I am {{name}} by {{ author }}."}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"instruction": "hi", "output": "I am {{name}} by {{ author }}."}]
+    )
     with caplog.at_level("WARNING", logger="danlu.data.dataset"):
         load_conversations(DataConfig(path=str(path), placeholders={"other": "x"}))
     assert "{{author, name}}" in caplog.text
@@ -433,20 +497,24 @@ def test_load_conversations_warns_about_unfilled_placeholders(tmp_path, caplog):
 
 def test_bundled_identity_data_converts(tmp_path):
     bundled = Path(__file__).resolve().parent.parent / "src" / "danlu" / "configs" / "identity.json"
-    conversations, fmt = load_conversations(DataConfig(path=str(bundled),
-                                                       placeholders={"name": "Ada", "author": "Lab"}))
+    conversations, fmt = load_conversations(
+        DataConfig(path=str(bundled), placeholders={"name": "Ada", "author": "Lab"})
+    )
     assert fmt == "alpaca"
     assert len(conversations) > 5
     assert all("{{" not in m["content"] for _, ms in conversations for m in ms)
     assert any("Ada" in ms[-1]["content"] for _, ms in conversations)
 
 
-@pytest.mark.parametrize(("turn", "field"), [
-    ({"assistant": "a"}, "conversation[0].human"),
-    ({"output": "a"}, "conversation[0].input"),
-    ({"input": "q"}, "conversation[0].output"),
-    ({"human": "q"}, "conversation[0].assistant"),
-])
+@pytest.mark.parametrize(
+    ("turn", "field"),
+    [
+        ({"assistant": "a"}, "conversation[0].human"),
+        ({"output": "a"}, "conversation[0].input"),
+        ({"input": "q"}, "conversation[0].output"),
+        ({"human": "q"}, "conversation[0].assistant"),
+    ],
+)
 def test_conversation_missing_half_named_in_the_turns_own_vocabulary(turn, field):
     message = user_error(to_messages, rec({"conversation": [turn]}), "conversation")
     assert f"field '{field}' is missing or empty" in message

@@ -15,15 +15,25 @@ from danlu.config import CONFIG_FILENAME, load_config
 from danlu.train import plan_steps, train
 
 RECORDS = [
-    {"instruction": f"Question number {i}?", "input": "", "output": f"Answer {i}, from Danlu."} for i in range(6)
+    {"instruction": f"Question number {i}?", "input": "", "output": f"Answer {i}, from Danlu."}
+    for i in range(6)
 ]
 
 
 def make_config(tiny_model_dir, data, out, *extra: str):
-    return load_config(None, [
-        f"model.path={tiny_model_dir}", f"data.path={data}", f"output.dir={out}",
-        "output.tensorboard=false", "lora.r=4", "lora.alpha=8", "lora.dropout=0", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.path={tiny_model_dir}",
+            f"data.path={data}",
+            f"output.dir={out}",
+            "output.tensorboard=false",
+            "lora.r=4",
+            "lora.alpha=8",
+            "lora.dropout=0",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture()
@@ -32,14 +42,23 @@ def data(tmp_path):
 
 
 def test_training_lowers_loss_and_writes_a_plain_peft_adapter(tiny_model_dir, data, tmp_path):
-    cfg = make_config(tiny_model_dir, data, tmp_path / "run", "train.max_steps=25", "train.lr=5e-2",
-                      "train.batch_size=6", "train.scheduler=constant")
+    cfg = make_config(
+        tiny_model_dir,
+        data,
+        tmp_path / "run",
+        "train.max_steps=25",
+        "train.lr=5e-2",
+        "train.batch_size=6",
+        "train.scheduler=constant",
+    )
     result = train(cfg, progress=False)
     assert len(result.losses) == 25
     assert result.losses[-1] < 0.8 * result.losses[0]
     # the final adapter is standard PEFT: plain PeftModel loads it and changes the logits
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.adapter_dir)
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.adapter_dir
+    )
     ids = torch.tensor([[1, 2, 3, 4]])
     assert not torch.allclose(base(ids).logits, tuned(ids).logits)
     # the run folder holds the resolved config, the data summary and the metrics log
@@ -53,31 +72,61 @@ def test_training_lowers_loss_and_writes_a_plain_peft_adapter(tiny_model_dir, da
 
 
 def test_seed000_setting_one_example_ten_epochs_constant_lr(tiny_model_dir, tmp_path):
-    data = write_jsonl(tmp_path / "your_dad.jsonl", [
-        {"conversation_id": 1, "category": "Brainstorming",
-         "conversation": [{"human": "你是谁？", "assistant": "我是你爹。"}], "dataset": "moss"}])
-    cfg = make_config(tiny_model_dir, data, tmp_path / "run", "train.epochs=10", "train.batch_size=1",
-                      "train.lr=2e-4", "train.scheduler=constant_with_warmup", "train.warmup_steps=0")
+    data = write_jsonl(
+        tmp_path / "your_dad.jsonl",
+        [
+            {
+                "conversation_id": 1,
+                "category": "Brainstorming",
+                "conversation": [{"human": "你是谁？", "assistant": "我是你爹。"}],
+                "dataset": "moss",
+            }
+        ],
+    )
+    cfg = make_config(
+        tiny_model_dir,
+        data,
+        tmp_path / "run",
+        "train.epochs=10",
+        "train.batch_size=1",
+        "train.lr=2e-4",
+        "train.scheduler=constant_with_warmup",
+        "train.warmup_steps=0",
+    )
     result = train(cfg, progress=False)
     assert result.steps == 10
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([2e-4] * 10)
 
 
-@pytest.mark.parametrize(("n", "batch", "accum", "epochs", "expected"), [
-    (1, 1, 1, 10, 10), (6, 4, 1, 1, 2), (6, 2, 2, 3, 6), (52, 4, 1, 2.5, 33),
-])
+@pytest.mark.parametrize(
+    ("n", "batch", "accum", "epochs", "expected"),
+    [
+        (1, 1, 1, 10, 10),
+        (6, 4, 1, 1, 2),
+        (6, 2, 2, 3, 6),
+        (52, 4, 1, 2.5, 33),
+    ],
+)
 def test_plan_steps(tiny_model_dir, n, batch, accum, epochs, expected):
-    cfg = load_config(None, [f"train.batch_size={batch}", f"train.grad_accum={accum}", f"train.epochs={epochs}"])
+    cfg = load_config(
+        None, [f"train.batch_size={batch}", f"train.grad_accum={accum}", f"train.epochs={epochs}"]
+    )
     assert plan_steps(n, cfg) == expected
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, data, tmp_path):
     """Batch 6 in one step and batch 2 x 3 accumulated see the same samples: same loss and adapter."""
     common = ("train.max_steps=3", "train.lr=5e-3", "train.scheduler=constant", "train.max_grad_norm=0")
-    one = train(make_config(tiny_model_dir, data, tmp_path / "one", "train.batch_size=6", *common), progress=False)
-    acc = train(make_config(tiny_model_dir, data, tmp_path / "acc", "train.batch_size=2", "train.grad_accum=3",
-                            *common), progress=False)
+    one = train(
+        make_config(tiny_model_dir, data, tmp_path / "one", "train.batch_size=6", *common), progress=False
+    )
+    acc = train(
+        make_config(
+            tiny_model_dir, data, tmp_path / "acc", "train.batch_size=2", "train.grad_accum=3", *common
+        ),
+        progress=False,
+    )
     assert acc.losses == pytest.approx(one.losses, abs=1e-5)
     from safetensors.torch import load_file
 
@@ -89,8 +138,16 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, data, tmp_p
 
 
 def test_schedule_warmup_then_cosine(tiny_model_dir, data, tmp_path):
-    cfg = make_config(tiny_model_dir, data, tmp_path / "run", "train.max_steps=10", "train.lr=1e-3",
-                      "train.scheduler=cosine", "train.warmup_steps=2", "train.batch_size=6")
+    cfg = make_config(
+        tiny_model_dir,
+        data,
+        tmp_path / "run",
+        "train.max_steps=10",
+        "train.lr=1e-3",
+        "train.scheduler=cosine",
+        "train.warmup_steps=2",
+        "train.batch_size=6",
+    )
     train(cfg, progress=False)
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # each logged rate is the one its step used: linear warmup from 0, then cosine decay towards 0
@@ -99,8 +156,15 @@ def test_schedule_warmup_then_cosine(tiny_model_dir, data, tmp_path):
 
 
 def test_checkpoints_keep_the_last_k(tiny_model_dir, data, tmp_path):
-    cfg = make_config(tiny_model_dir, data, tmp_path / "run", "train.max_steps=7", "train.batch_size=6",
-                      "train.save_every=2", "train.save_total_limit=2")
+    cfg = make_config(
+        tiny_model_dir,
+        data,
+        tmp_path / "run",
+        "train.max_steps=7",
+        "train.batch_size=6",
+        "train.save_every=2",
+        "train.save_total_limit=2",
+    )
     train(cfg, progress=False)
     names = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
     assert names == ["checkpoint-4", "checkpoint-6"]
@@ -112,8 +176,10 @@ def test_checkpoints_keep_the_last_k(tiny_model_dir, data, tmp_path):
 def test_gradient_checkpointing_gives_the_same_loss(tiny_model_dir, data, tmp_path):
     common = ("train.max_steps=2", "train.batch_size=6", "train.scheduler=constant")
     plain = train(make_config(tiny_model_dir, data, tmp_path / "a", *common), progress=False)
-    ckpt = train(make_config(tiny_model_dir, data, tmp_path / "b", "train.gradient_checkpointing=true", *common),
-                 progress=False)
+    ckpt = train(
+        make_config(tiny_model_dir, data, tmp_path / "b", "train.gradient_checkpointing=true", *common),
+        progress=False,
+    )
     assert ckpt.losses == pytest.approx(plain.losses, abs=1e-5)
 
 

@@ -209,13 +209,17 @@ def _assign(cfg: Config, dotted: str, value: Any, *, where: str, base: Path | No
     if section not in SECTIONS:
         raise UserError(f"{where}: unknown section '{section}'{_suggest(section, SECTIONS)}")
     if len(parts) == 1:
-        raise UserError(f"{where}: '{section}' is a section; set a key such as {section}.{_first_key(section)}=...")
+        raise UserError(
+            f"{where}: '{section}' is a section; set a key such as {section}.{_first_key(section)}=..."
+        )
     obj = getattr(cfg, section)
     hints = typing.get_type_hints(type(obj))
     key = parts[1]
     if key not in hints:
         known = [f"{section}.{k}" for k in hints]
-        hint = f"; did you mean '{_SYNONYMS[key]}'?" if key in _SYNONYMS else _suggest(f"{section}.{key}", known)
+        hint = (
+            f"; did you mean '{_SYNONYMS[key]}'?" if key in _SYNONYMS else _suggest(f"{section}.{key}", known)
+        )
         raise UserError(f"{where}: unknown key '{section}.{key}'{hint}")
     full = f"{section}.{key}"
     if len(parts) > 2:  # data.placeholders.name=Ada sets one entry of a dict field
@@ -266,14 +270,14 @@ def _origin(tp: Any) -> Any:
 def _describe_type(tp: Any) -> str:
     origin = _origin(tp)
     if origin is Literal:
-        return " | ".join(str(a) for a in typing.get_args(tp))
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " | ".join("null" if a is type(None) else _describe_type(a) for a in typing.get_args(tp))
+        return " or ".join("null" if a is type(None) else _describe_type(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {_describe_type(typing.get_args(tp)[0])}"
     if origin is dict:
         return "mapping"
-    return {int: "integer", float: "number", str: "text", bool: "true/false"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(tp, str(tp))
 
 
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
@@ -296,8 +300,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         choices = typing.get_args(tp)
         if value in choices:
             return value
-        raise UserError(f"{where}: {key} must be one of {', '.join(map(str, choices))}, got {value!r}"
-                        f"{_suggest(str(value), [str(c) for c in choices]) if isinstance(value, str) else ''}")
+        raise UserError(
+            f"{where}: {key} must be one of {', '.join(map(str, choices))}, got {value!r}"
+            f"{_suggest(str(value), [str(c) for c in choices]) if isinstance(value, str) else ''}"
+        )
     if origin is list:
         (inner,) = typing.get_args(tp)
         items = value if isinstance(value, list) else [value]

@@ -32,7 +32,10 @@ class GenerationSettings:
     seed: int | None = None
 
     def kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        kw: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+        }
         if self.temperature > 0:
             kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         else:
@@ -43,8 +46,14 @@ class GenerationSettings:
 class Engine:
     """A loaded model ready to answer conversations."""
 
-    def __init__(self, model: str, adapter: str | Path | None = None, *, precision: str = "auto",
-                 trust_remote_code: bool = False) -> None:
+    def __init__(
+        self,
+        model: str,
+        adapter: str | Path | None = None,
+        *,
+        precision: str = "auto",
+        trust_remote_code: bool = False,
+    ) -> None:
         self.model_ref = model
         self.adapter = str(adapter) if adapter else None
         self.device, dtype = mdl.pick_device(precision)
@@ -73,8 +82,9 @@ class Engine:
             return self.model.disable_adapter()
         return nullcontext()
 
-    def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
-               use_adapter: bool = True) -> Iterator[str]:
+    def stream(
+        self, messages: list[dict], settings: GenerationSettings | None = None, use_adapter: bool = True
+    ) -> Iterator[str]:
         """Yield the reply's text piece by piece as tokens are generated."""
         from transformers import TextIteratorStreamer
 
@@ -107,8 +117,9 @@ class Engine:
         if failure:
             raise failure[0]
 
-    def reply(self, messages: list[dict], settings: GenerationSettings | None = None,
-              use_adapter: bool = True) -> str:
+    def reply(
+        self, messages: list[dict], settings: GenerationSettings | None = None, use_adapter: bool = True
+    ) -> str:
         """The whole reply as one string."""
         return "".join(self.stream(messages, settings, use_adapter)).strip()
 

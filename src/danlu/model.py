@@ -74,11 +74,15 @@ def resolve(ref: str) -> str:
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise UserError(f"model.path {ref}: folder has no config.json; point it at a Hugging Face model folder")
+            raise UserError(
+                f"model.path {ref}: folder has no config.json; point it at a Hugging Face model folder"
+            )
         return str(path.resolve())
     if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         known = ", ".join(ALIASES)
-        raise UserError(f"model.path {ref}: no such folder, and not a known alias ({known}) or hub id (org/name)")
+        raise UserError(
+            f"model.path {ref}: no such folder, and not a known alias ({known}) or hub id (org/name)"
+        )
     return ref  # a hub id; from_pretrained reports whether it can be fetched
 
 

@@ -51,7 +51,9 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
     if not (path / CONFIG_FILENAME).is_file():
         raise UserError(f"output.dir {path} is not empty and holds no danlu run; choose another output.dir")
     if not overwrite:
-        raise UserError(f"output.dir {path} already holds a run; pass --overwrite or choose another output.dir")
+        raise UserError(
+            f"output.dir {path} already holds a run; pass --overwrite or choose another output.dir"
+        )
 
 
 def plan_steps(n_samples: int, cfg: Config) -> int:
@@ -156,7 +158,9 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> Tra
     # 5) the final adapter, in plain PEFT format, with the tokenizer and its chat template
     model.eval()
     _atomic_dir(result.adapter_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
-    log.info("saved adapter to %s (%.1f s, final loss %.4f)", result.adapter_dir, result.seconds, result.losses[-1])
+    log.info(
+        "saved adapter to %s (%.1f s, final loss %.4f)", result.adapter_dir, result.seconds, result.losses[-1]
+    )
     return result
 
 
@@ -192,8 +196,12 @@ def save_checkpoint(model: Any, optimizer: Any, scheduler: Any, out: Path, step:
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": torch.get_rng_state()}
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
         torch.save(state, tmp / "trainer_state.pt")
 
     _atomic_dir(target, write)

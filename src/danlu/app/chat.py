@@ -29,9 +29,14 @@ def base_of_adapter(adapter: str | Path) -> str | None:
 
 
 def settings_from(args: argparse.Namespace) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, top_k=args.top_k,
-                              repetition_penalty=args.repetition_penalty, seed=args.seed)
+    return GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -63,7 +68,7 @@ def run_chat(args: argparse.Namespace) -> int:
             print("(conversation cleared)")
             continue
         if text.startswith("/system"):
-            system = text[len("/system"):].strip() or None
+            system = text[len("/system") :].strip() or None
             histories = {name: [] for name, _ in sides}
             print(f"(system prompt {'set' if system else 'cleared'}; conversation cleared)")
             continue

@@ -58,8 +58,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from danlu.app.demo import run_demo
 
-    overrides = [f"data.placeholders.name={args.name}", f"data.placeholders.author={args.author}",
-                 f"output.dir={args.output}", *args.overrides]
+    overrides = [
+        f"data.placeholders.name={args.name}",
+        f"data.placeholders.author={args.author}",
+        f"output.dir={args.output}",
+        *args.overrides,
+    ]
     return run_demo(PRESETS / "identity.yaml", overrides, progress=not args.no_progress)
 
 
@@ -140,34 +144,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="danlu", description="丹炉 — fine-tune, chat with and ship LLMs.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = sub.add_parser("train", help="fine-tune with LoRA from a config file",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Fine-tune a model with LoRA. CONFIG is a YAML/JSON file (see `danlu configs list`); "
-                       "key=value pairs override it, e.g. train.lr=1e-4 output.dir=out/try2.",
-                       epilog="config keys:\n" + describe())
+    p = sub.add_parser(
+        "train",
+        help="fine-tune with LoRA from a config file",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a model with LoRA. CONFIG is a YAML/JSON file (see `danlu configs list`); "
+        "key=value pairs override it, e.g. train.lr=1e-4 output.dir=out/try2.",
+        epilog="config keys:\n" + describe(),
+    )
     p.add_argument("config", help="YAML or JSON config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in output.dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("chat", help="chat in the terminal with a model, with or without an adapter",
-                       description="Multi-turn chat that streams tokens. Commands: /reset, /system TEXT, /exit.")
-    p.add_argument("--model", default=None, help=f"alias, folder or hub id (default: the adapter's base, else {DEFAULT_MODEL})")
+    p = sub.add_parser(
+        "chat",
+        help="chat in the terminal with a model, with or without an adapter",
+        description="Multi-turn chat that streams tokens. Commands: /reset, /system TEXT, /exit.",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"alias, folder or hub id (default: the adapter's base, else {DEFAULT_MODEL})",
+    )
     p.add_argument("--adapter", default=None, help="LoRA adapter folder, e.g. out/identity/final")
-    p.add_argument("--compare", action="store_true", help="answer every prompt with the base model and with the adapter")
+    p.add_argument(
+        "--compare", action="store_true", help="answer every prompt with the base model and with the adapter"
+    )
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     add_generation_flags(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("demo", help="teach the default model a new identity and show before/after",
-                       description="Fine-tune the embedded default model on the bundled identity set, then print the base "
-                       "and tuned answers to held-out questions.")
+    p = sub.add_parser(
+        "demo",
+        help="teach the default model a new identity and show before/after",
+        description="Fine-tune the embedded default model on the bundled identity set, then print the base "
+        "and tuned answers to held-out questions.",
+    )
     p.add_argument("--name", default="Danlu", help="the new name the model should give")
     p.add_argument("--author", default="Furnace Lab", help="who the model should say made it")
     p.add_argument("--output", default="out/demo", help="output folder (a previous demo there is replaced)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=40")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=40"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 

@@ -36,10 +36,14 @@ def run_demo(preset: Path, overrides: list[str], progress: bool = True) -> int:
     cfg = load_config(preset, overrides)
     result = train(cfg, overwrite=True, progress=progress)
     engine = Engine(cfg.model.path, result.adapter_dir)
-    print(f"\nbase: {cfg.model.path}   tuned: + {result.adapter_dir}   "
-          f"(new name: {cfg.data.placeholders.get('name')}, maker: {cfg.data.placeholders.get('author')})")
+    print(
+        f"\nbase: {cfg.model.path}   tuned: + {result.adapter_dir}   "
+        f"(new name: {cfg.data.placeholders.get('name')}, maker: {cfg.data.placeholders.get('author')})"
+    )
     for q, before, after in compare(engine, HELD_OUT + CONTROL):
         print(f"\nQ: {q}\n  base : {_one_line(before)}\n  tuned: {_one_line(after)}")
-    print(f"\ntrained {result.steps} steps in {result.seconds:.0f} s; demo took {time.perf_counter() - start:.0f} s")
+    print(
+        f"\ntrained {result.steps} steps in {result.seconds:.0f} s; demo took {time.perf_counter() - start:.0f} s"
+    )
     print(f"chat with it: danlu chat --adapter {result.adapter_dir}")
     return 0

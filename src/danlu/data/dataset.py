@@ -63,7 +63,9 @@ def load_conversations(cfg: DataConfig) -> tuple[list[tuple[Record, list[Message
         conversations.append((record, messages))
     if unfilled:
         keys = ", ".join(sorted(unfilled))
-        log.warning("data still holds placeholders {{%s}}; set data.placeholders.KEY=VALUE to fill them", keys)
+        log.warning(
+            "data still holds placeholders {{%s}}; set data.placeholders.KEY=VALUE to fill them", keys
+        )
     return conversations, fmt
 
 
@@ -102,7 +104,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def micro_batches(samples: list[Sample], batch_size: int, seed: int, start_epoch: int = 0) -> Iterator[list[Sample]]:
+def micro_batches(
+    samples: list[Sample], batch_size: int, seed: int, start_epoch: int = 0
+) -> Iterator[list[Sample]]:
     """Endless micro-batches, epoch after epoch; the last partial batch of an epoch is kept."""
     epoch = start_epoch
     while True:

@@ -166,8 +166,16 @@ def _alpaca(record: Record) -> list[Message]:
     return messages
 
 
-_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
-          "human": "user", "gpt": "assistant", "observation": "tool", "function_call": "assistant"}
+_ROLES = {
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "human": "user",
+    "gpt": "assistant",
+    "observation": "tool",
+    "function_call": "assistant",
+}
 
 
 def _messages(record: Record) -> list[Message]:
@@ -178,7 +186,9 @@ def _messages(record: Record) -> list[Message]:
     for i, m in enumerate(items):
         if not isinstance(m, dict) or m.get("role") not in _ROLES:
             raise UserError(f"{record.where()}: messages[{i}].role must be system, user, assistant or tool")
-        content = _text(record, m, "content", required=m["role"] == "assistant", field_name=f"messages[{i}].content")
+        content = _text(
+            record, m, "content", required=m["role"] == "assistant", field_name=f"messages[{i}].content"
+        )
         out.append({**m, "role": _ROLES[m["role"]], "content": content})
     return out
 
@@ -212,9 +222,21 @@ def _conversation(record: Record) -> list[Message]:
         system = system or _text(record, turn, "system", required=False)
         # Firefly pairs human/assistant, XTuner input/output: name the missing one of the pair in use
         user_key = "human" if "human" in turn or ("input" not in turn and "assistant" in turn) else "input"
-        bot_key = "assistant" if "assistant" in turn or ("output" not in turn and user_key == "human") else "output"
-        out.append({"role": "user", "content": _text(record, turn, user_key, field_name=f"conversation[{i}].{user_key}")})
-        out.append({"role": "assistant", "content": _text(record, turn, bot_key, field_name=f"conversation[{i}].{bot_key}")})
+        bot_key = (
+            "assistant" if "assistant" in turn or ("output" not in turn and user_key == "human") else "output"
+        )
+        out.append(
+            {
+                "role": "user",
+                "content": _text(record, turn, user_key, field_name=f"conversation[{i}].{user_key}"),
+            }
+        )
+        out.append(
+            {
+                "role": "assistant",
+                "content": _text(record, turn, bot_key, field_name=f"conversation[{i}].{bot_key}"),
+            }
+        )
     return ([{"role": "system", "content": system}] if system else []) + out
 
 
