@@ -151,7 +151,7 @@ def test_missing_data_file(capsys, tmp_path, config_file, tiny_model_dir):
         f"data.path={tmp_path / 'nope.jsonl'}",
         f"output.dir={out}",
     )
-    assert_user_error(code, err, "data file not found", "nope.jsonl")
+    assert_user_error(code, err, "not found", "nope.jsonl")
     assert not out.exists()
 
 
@@ -288,7 +288,7 @@ def test_configs_copy_identity(capsys, tmp_path, monkeypatch):
     assert f"wrote {dest / 'identity.yaml'}" in out
     assert f"danlu train {dest / 'identity.yaml'}" in out
     cfg = load_config(dest / "identity.yaml")
-    assert Path(cfg.data.path) == (dest / "identity.json").resolve()
+    assert Path(cfg.data.path[0]) == (dest / "identity.json").resolve()
     assert cfg.data.placeholders == {"name": "Danlu", "author": "Furnace Lab"}
 
 

@@ -309,8 +309,8 @@ def test_relative_data_path_resolved_next_to_config(tmp_path, monkeypatch):
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     cfg = load_config(path)
-    assert Path(cfg.data.path) == (conf_dir / "train.jsonl").resolve()
-    assert Path(cfg.data.path).is_absolute()
+    assert Path(cfg.data.path[0]) == (conf_dir / "train.jsonl").resolve()
+    assert Path(cfg.data.path[0]).is_absolute()
 
 
 def test_relative_data_path_left_alone_when_not_next_to_config(tmp_path, monkeypatch):
@@ -318,14 +318,14 @@ def test_relative_data_path_left_alone_when_not_next_to_config(tmp_path, monkeyp
     conf_dir.mkdir()
     path = write(conf_dir / "c.yaml", "data:\n  path: data/train.jsonl\n")
     monkeypatch.chdir(tmp_path)
-    assert load_config(path).data.path == "data/train.jsonl"
+    assert load_config(path).data.path == ["data/train.jsonl"]
 
 
 def test_absolute_data_path_kept(tmp_path):
     target = tmp_path / "abs.jsonl"
     target.write_text("{}\n", encoding="utf-8")
     path = write(tmp_path / "c.yaml", f"data:\n  path: {target}\n")
-    assert load_config(path).data.path == str(target)
+    assert load_config(path).data.path == [str(target)]
 
 
 def test_command_line_path_not_resolved_against_config_dir(tmp_path, monkeypatch):
@@ -335,7 +335,7 @@ def test_command_line_path_not_resolved_against_config_dir(tmp_path, monkeypatch
     path = write(conf_dir / "c.yaml", "train:\n  seed: 1\n")
     monkeypatch.chdir(tmp_path)
     cfg = load_config(path, ["data.path=train.jsonl"])
-    assert cfg.data.path == "train.jsonl"
+    assert cfg.data.path == ["train.jsonl"]
 
 
 def test_non_path_keys_are_never_resolved(tmp_path):

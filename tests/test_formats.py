@@ -13,9 +13,10 @@ from danlu.data.dataset import load_conversations
 from danlu.data.formats import (
     FORMATS,
     Record,
+    apply_columns,
     detect_format,
     fill_placeholders,
-    read_records,
+    record_tools,
     to_messages,
 )
 from danlu.errors import UserError
@@ -156,6 +157,12 @@ def test_xtuner_conversation_system_in_first_turn():
         ({"messages": []}, "messages"),
         ({"conversations": []}, "sharegpt"),
         ({"conversation": []}, "conversation"),
+        ({"text": "a"}, "text"),
+        ({"prompt": "a", "completion": "b"}, "completion"),
+        ({"prompt": "a", "completion": "b", "text": "c"}, "completion"),
+        ({"prompt": "a", "text": "c"}, "text"),
+        ({"instruction": "a", "output": "b", "text": "c"}, "alpaca"),
+        ({"messages": [], "text": "c"}, "messages"),
     ],
 )
 def test_detect_format(data, fmt):
@@ -164,10 +171,11 @@ def test_detect_format(data, fmt):
 
 
 def test_detect_format_unknown_keys():
-    message = user_error(detect_format, rec({"prompt": "a", "completion": "b"}, line=5))
+    message = user_error(detect_format, rec({"question": "a", "answer": "b"}, line=5))
     assert message.startswith("d.jsonl:5:")
     assert "cannot tell the format" in message
-    assert "data.format" in message
+    assert "['answer', 'question']" in message
+    assert "data.columns" in message and "data.format" in message
 
 
 @pytest.mark.parametrize(
@@ -190,114 +198,7 @@ def test_explicit_alpaca_on_messages_record():
     assert "field 'instruction' is missing or empty" in message
 
 
-# -------------------------------------------------------------------------- files
-
-
-RECORDS = [{"instruction": "q1", "output": "a1"}, {"instruction": "q2", "output": "a2"}]
-
-
-def test_json_lines(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", RECORDS)
-    records = read_records(path)
-    assert [r.data for r in records] == RECORDS
-    assert [r.line for r in records] == [1, 2]
-    assert records[1].where() == f"{path}:2"
-
-
-def test_json_lines_skip_blank_lines_and_keep_line_numbers(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_text(
-        "\n" + json.dumps(RECORDS[0]) + "\n\n  \n" + json.dumps(RECORDS[1]) + "\n", encoding="utf-8"
-    )
-    assert [r.line for r in read_records(path)] == [2, 5]
-
-
-def test_json_lines_named_json(tmp_path):
-    path = write_jsonl(tmp_path / "d.json", RECORDS)
-    assert [r.data for r in read_records(path)] == RECORDS
-
-
-def test_json_array_named_jsonl(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps(RECORDS), encoding="utf-8")
-    assert [r.data for r in read_records(path)] == RECORDS
-
-
-def test_array_line_numbers_are_where_elements_start(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_text(json.dumps(RECORDS + [{"instruction": "q3", "output": "a3"}], indent=2), encoding="utf-8")
-    # line 1 is "[", each record spans 4 lines: "{", two fields, "}"
-    assert [r.line for r in read_records(path)] == [2, 6, 10]
-
-
-def test_array_line_numbers_with_leading_text_and_nested_lists(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_text(
-        '\n\n[{"instruction": "q",\n  "history": [["a", "b"]],\n  "output": "o"},\n\n'
-        '   {"messages": [{"role": "user", "content": "x"}]}]\n',
-        encoding="utf-8",
-    )
-    assert [r.line for r in read_records(path)] == [3, 7]
-
-
-def test_bom_and_crlf_accepted(tmp_path):
-    path = tmp_path / "d.jsonl"
-    body = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in RECORDS) + "\r\n"
-    path.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
-    records = read_records(path)
-    assert [r.data for r in records] == RECORDS
-    assert [r.line for r in records] == [1, 2]
-
-
-def test_bom_and_crlf_in_json_array(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(RECORDS, indent=2).replace("\n", "\r\n").encode("utf-8"))
-    records = read_records(path)
-    assert [r.data for r in records] == RECORDS
-    assert [r.line for r in records] == [2, 6]
-
-
-def test_chinese_text_round_trips(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "你好", "output": "你好！我是丹炉。"}])
-    assert convert(read_records(path)[0].data) == [U("你好"), A("你好！我是丹炉。")]
-
-
 # ------------------------------------------------------------------------- errors
-
-
-def test_malformed_json_line_names_file_and_line(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps(RECORDS[0]) + "\n" + '{"instruction": "q", "output": \n', encoding="utf-8")
-    message = user_error(read_records, path)
-    assert message.startswith(f"{path}:2:")
-    assert "malformed JSON" in message
-
-
-def test_malformed_json_array_names_line(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_text(
-        '[\n  {"instruction": "q", "output": "a"},\n  {"instruction": "q" "output": "a"}\n]\n',
-        encoding="utf-8",
-    )
-    message = user_error(read_records, path)
-    assert message.startswith(f"{path}:3:")
-    assert "malformed JSON" in message
-
-
-def test_text_after_json_array_is_an_error(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_text(json.dumps(RECORDS[:1]) + "\n" + json.dumps(RECORDS[1:]) + "\n", encoding="utf-8")
-    message = user_error(read_records, path)
-    assert message.startswith(f"{path}:2:")
-    assert "after the JSON array" in message
-
-
-def test_empty_json_array(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_text("[]\n", encoding="utf-8")
-    message = user_error(read_records, path)
-    assert message.startswith(f"{path}:")
-    assert "empty" in message
 
 
 @pytest.mark.parametrize(
@@ -322,6 +223,12 @@ def test_empty_json_array(tmp_path):
         ({"messages": []}, "field 'messages' must be a non-empty list"),
         ({"conversations": "hi"}, "field 'conversations' must be a non-empty list"),
         ({"conversation": []}, "field 'conversation' must be a non-empty list"),
+        ({"text": "   "}, "field 'text' is missing or empty"),
+        ({"prompt": "p", "completion": ""}, "field 'completion' is missing or empty"),
+        (
+            {"messages": [U("q"), {"role": "assistant", "content": None, "tool_calls": []}]},
+            "field 'messages[1].content' is missing or empty",
+        ),
     ],
 )
 def test_missing_or_empty_field_names_line_and_field(data, fragment):
@@ -347,57 +254,21 @@ def test_missing_or_empty_field_names_line_and_field(data, fragment):
         ),
         ({"conversations": [{"from": "bot", "value": "x"}]}, "conversations[0].from must be"),
         ({"conversation": ["q"]}, "conversation[0] must be an object"),
+        ({"text": 5}, "field 'text' must be text, got int"),
+        ({"prompt": ["p"], "completion": "c"}, "field 'prompt' must be text, got list"),
+        ({"messages": "[{oops"}, "field 'messages' holds malformed JSON"),
+        ({"messages": [A("a")], "tools": "nope"}, "field 'tools' must be a list"),
+        ({"messages": [A("a")], "tools": ["nope"]}, "tools[0] must be an object, got str"),
+        (
+            {"messages": [{"role": "assistant", "content": None, "tool_calls": "x"}]},
+            "field 'messages[0].tool_calls' must be a list",
+        ),
     ],
 )
 def test_wrong_types(data, fragment):
     message = user_error(lambda: to_messages(rec(data, line=4), detect_format(rec(data))))
     assert message.startswith("d.jsonl:4:")
     assert fragment in message
-
-
-def test_non_utf8_file_suggests_iconv(tmp_path):
-    path = tmp_path / "d.jsonl"
-    good = (json.dumps(RECORDS[0]) + "\n").encode("utf-8")
-    bad = b'{"instruction": "' + "你好".encode("gbk") + b'", "output": "a"}\n'
-    path.write_bytes(good + bad)
-    message = user_error(read_records, path)
-    assert message.startswith(f"{path}:2:")
-    assert "UTF-8" in message
-    assert "iconv" in message
-
-
-def test_empty_file(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_text("\n  \n", encoding="utf-8")
-    message = user_error(read_records, path)
-    assert message.startswith(str(path))
-    assert "empty" in message
-
-
-def test_missing_file_and_folder(tmp_path):
-    assert "data file not found" in user_error(read_records, tmp_path / "nope.jsonl")
-    assert "is a folder" in user_error(read_records, tmp_path)
-
-
-@pytest.mark.parametrize("line", ["[1, 2]", "7", '"text"', "null"])
-def test_non_object_record(tmp_path, line):
-    path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps(RECORDS[0]) + "\n" + line + "\n", encoding="utf-8")
-    records = read_records(path)
-    message = user_error(detect_format, records[-1])
-    assert message.startswith(f"{path}:2:")
-    assert "must be a JSON object" in message
-    message = user_error(to_messages, records[-1], "alpaca")
-    assert "must be a JSON object" in message
-
-
-def test_non_object_element_in_array(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_text('[\n  {"instruction": "q", "output": "a"},\n  "oops"\n]\n', encoding="utf-8")
-    records = read_records(path)
-    message = user_error(to_messages, records[1], "alpaca")
-    assert message.startswith(f"{path}:3:")
-    assert "got str" in message
 
 
 # ------------------------------------------------------------------- placeholders
@@ -423,7 +294,7 @@ def test_fill_placeholders_keeps_other_keys_and_handles_empty_values():
 
 def test_load_conversations_detects_and_fills(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "hi", "output": "I am {{name}}."}])
-    conversations, fmt = load_conversations(DataConfig(path=str(path), placeholders={"name": "Ada"}))
+    conversations, fmt, _ = load_conversations(DataConfig(path=[str(path)], placeholders={"name": "Ada"}))
     assert fmt == "alpaca"
     assert len(conversations) == 1
     record, messages = conversations[0]
@@ -439,7 +310,7 @@ def test_load_conversations_system_added_only_when_missing(tmp_path):
             {"messages": [S("own system"), U("q2"), A("a2")]},
         ],
     )
-    conversations, fmt = load_conversations(DataConfig(path=str(path), system="Default sys."))
+    conversations, fmt, _ = load_conversations(DataConfig(path=[str(path)], system="Default sys."))
     assert fmt == "messages"
     assert [m for _, m in conversations] == [
         [S("Default sys."), U("q1"), A("a1")],
@@ -449,7 +320,7 @@ def test_load_conversations_system_added_only_when_missing(tmp_path):
 
 def test_load_conversations_without_system_setting_adds_none(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [U("q"), A("a")]}])
-    conversations, _ = load_conversations(DataConfig(path=str(path)))
+    conversations, _, _ = load_conversations(DataConfig(path=[str(path)]))
     assert conversations[0][1] == [U("q"), A("a")]
 
 
@@ -461,7 +332,7 @@ def test_load_conversations_needs_an_assistant_turn(tmp_path):
             {"messages": [S("s"), U("only a question")]},
         ],
     )
-    message = user_error(load_conversations, DataConfig(path=str(path), system="x"))
+    message = user_error(load_conversations, DataConfig(path=[str(path)], system="x"))
     assert message.startswith(f"{path}:2:")
     assert "no assistant" in message
 
@@ -471,7 +342,7 @@ def test_load_conversations_explicit_format(tmp_path):
         tmp_path / "d.jsonl",
         [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}],
     )
-    conversations, fmt = load_conversations(DataConfig(path=str(path), format="sharegpt"))
+    conversations, fmt, _ = load_conversations(DataConfig(path=[str(path)], format="sharegpt"))
     assert fmt == "sharegpt"
     assert conversations[0][1] == [U("q"), A("a")]
 
@@ -483,7 +354,7 @@ def test_load_conversations_needs_a_path():
 def test_load_conversations_empty_array_is_a_user_error(tmp_path):
     path = tmp_path / "d.json"
     path.write_text("[]", encoding="utf-8")
-    assert "empty" in user_error(load_conversations, DataConfig(path=str(path)))
+    assert "empty" in user_error(load_conversations, DataConfig(path=[str(path)]))
 
 
 def test_load_conversations_warns_about_unfilled_placeholders(tmp_path, caplog):
@@ -491,14 +362,14 @@ def test_load_conversations_warns_about_unfilled_placeholders(tmp_path, caplog):
         tmp_path / "d.jsonl", [{"instruction": "hi", "output": "I am {{name}} by {{ author }}."}]
     )
     with caplog.at_level("WARNING", logger="danlu.data.dataset"):
-        load_conversations(DataConfig(path=str(path), placeholders={"other": "x"}))
+        load_conversations(DataConfig(path=[str(path)], placeholders={"other": "x"}))
     assert "{{author, name}}" in caplog.text
 
 
 def test_bundled_identity_data_converts(tmp_path):
     bundled = Path(__file__).resolve().parent.parent / "src" / "danlu" / "configs" / "identity.json"
-    conversations, fmt = load_conversations(
-        DataConfig(path=str(bundled), placeholders={"name": "Ada", "author": "Lab"})
+    conversations, fmt, _ = load_conversations(
+        DataConfig(path=[str(bundled)], placeholders={"name": "Ada", "author": "Lab"})
     )
     assert fmt == "alpaca"
     assert len(conversations) > 5
@@ -522,3 +393,136 @@ def test_conversation_missing_half_named_in_the_turns_own_vocabulary(turn, field
 
 def test_conversation_mixed_keys_still_read():
     assert convert({"conversation": [{"human": "q", "output": "a"}]}) == [U("q"), A("a")]
+
+
+# ------------------------------------------------------------------ text, completion
+
+
+def test_text_format_is_one_text_message():
+    assert convert({"text": "Once upon a time"}) == [{"role": "text", "content": "Once upon a time"}]
+
+
+def test_completion_format():
+    assert convert({"prompt": "2+2=", "completion": "4"}) == [
+        {"role": "prompt", "content": "2+2="},
+        {"role": "completion", "content": "4"},
+    ]
+
+
+def test_completion_allows_an_empty_prompt_but_not_a_missing_one():
+    assert to_messages(rec({"prompt": "", "completion": "c"}), "completion")[0] == {
+        "role": "prompt",
+        "content": "",
+    }
+    message = user_error(to_messages, rec({"question": "p", "completion": "c"}, line=2), "completion")
+    assert message.startswith("d.jsonl:2:")
+    assert "field 'prompt' is missing" in message
+
+
+# ----------------------------------------------------------------------------- tools
+
+TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+CALLS = [{"type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]
+
+
+def test_tool_calls_kept_and_content_none_becomes_empty():
+    record = rec(
+        {
+            "tools": TOOLS,
+            "messages": [
+                U("1+2?"),
+                {"role": "assistant", "content": None, "tool_calls": CALLS},
+                {"role": "tool", "content": "3", "tool_call_id": "c1"},
+                A("3"),
+            ],
+        }
+    )
+    assert detect_format(record) == "messages"
+    got = to_messages(record, "messages")
+    assert got[1] == {"role": "assistant", "content": "", "tool_calls": CALLS}
+    assert got[2] == {"role": "tool", "content": "3", "tool_call_id": "c1"}
+    assert record_tools(record, "messages") == TOOLS
+
+
+def test_record_tools_only_for_messages_and_defaults_to_record_format():
+    record = rec({"messages": [U("q"), A("a")], "tools": TOOLS})
+    assert record_tools(record) is None  # format not known yet
+    record.format = "messages"
+    assert record_tools(record) == TOOLS
+    assert record_tools(rec({"conversations": [], "tools": TOOLS}), "sharegpt") is None
+    assert record_tools(rec({"messages": [U("q"), A("a")]}), "messages") is None
+    assert record_tools(rec({"messages": [U("q"), A("a")], "tools": []}), "messages") is None
+
+
+def test_list_fields_may_be_json_text():
+    # CSV cells and some Parquet exports hold lists as JSON text
+    record = rec(
+        {
+            "messages": json.dumps([U("q"), {"role": "assistant", "content": "", "tool_calls": CALLS}]),
+            "tools": json.dumps(TOOLS),
+        }
+    )
+    assert to_messages(record, "messages")[1]["tool_calls"] == CALLS
+    assert record_tools(record, "messages") == TOOLS
+    assert convert({"instruction": "q2", "output": "a2", "history": '[["q1", "a1"]]'}) == [
+        U("q1"),
+        A("a1"),
+        U("q2"),
+        A("a2"),
+    ]
+
+
+def test_none_valued_message_keys_are_dropped():
+    # Parquet gives every message every struct field, None where a message had none
+    got = convert({"messages": [{"role": "user", "content": "q", "name": None, "tool_calls": None}, A("a")]})
+    assert got == [U("q"), A("a")]
+
+
+# --------------------------------------------------------------------------- columns
+
+
+def test_columns_rename_before_detection():
+    record = apply_columns(
+        rec({"question": "q", "answer": "a", "id": 3}), {"instruction": "question", "output": "answer"}
+    )
+    assert record.data == {"instruction": "q", "output": "a", "id": 3}
+    assert detect_format(record) == "alpaca"
+    assert to_messages(record, "alpaca") == [U("q"), A("a")]
+
+
+def test_columns_drop_the_users_names_so_they_do_not_mislead_detection():
+    # their "input"/"output" are our prompt/completion: no alpaca keys may remain
+    record = apply_columns(rec({"input": "p", "output": "c"}), {"prompt": "input", "completion": "output"})
+    assert record.data == {"prompt": "p", "completion": "c"}
+    assert detect_format(record) == "completion"
+
+
+def test_columns_keep_our_own_name_when_the_column_is_absent():
+    record = apply_columns(rec({"instruction": "q", "output": "a"}), {"output": "answer"})
+    assert to_messages(record, "alpaca") == [U("q"), A("a")]
+
+
+def test_missing_mapped_field_names_the_column():
+    record = apply_columns(
+        rec({"question": "q", "reply": "a"}, line=7), {"instruction": "question", "output": "answer"}
+    )
+    message = user_error(to_messages, record, "alpaca")
+    assert message.startswith("d.jsonl:7:")
+    assert "field 'output' (column 'answer') is missing or empty" in message
+
+
+def test_mapped_list_field_error_names_the_column():
+    record = apply_columns(rec({"dialog": "hi"}), {"messages": "dialog"})
+    assert "field 'messages' (column 'dialog') must be a non-empty list" in user_error(
+        to_messages, record, "messages"
+    )
+
+
+def test_columns_leave_non_objects_alone():
+    record = rec([1, 2])
+    assert apply_columns(record, {"output": "answer"}) is record
+
+
+def test_parquet_records_name_rows():
+    assert Record({}, "d.parquet", 3).where() == "d.parquet row 3"
+    assert Record({}, "d.jsonl", 3).where() == "d.jsonl:3"

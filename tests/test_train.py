@@ -63,7 +63,7 @@ def test_training_lowers_loss_and_writes_a_plain_peft_adapter(tiny_model_dir, da
     assert not torch.allclose(base(ids).logits, tuned(ids).logits)
     # the run folder holds the resolved config, the data summary and the metrics log
     saved = yaml.safe_load((tmp_path / "run" / CONFIG_FILENAME).read_text())
-    assert saved["train"]["max_steps"] == 25 and saved["data"]["path"] == str(data)
+    assert saved["train"]["max_steps"] == 25 and saved["data"]["path"] == [str(data)]
     summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
     assert summary["records"] == 6 and summary["format"] == "alpaca"
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -57,9 +57,26 @@ class ModelConfig:
 class DataConfig:
     """Where the training records come from and how they become tokens."""
 
-    path: str = opt("", "training data: JSON array or JSON Lines file", path=True)
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "conversation"] = opt(
-        "auto", "record format; auto detects it from the first record"
+    path: list[str] = opt(
+        [], "training data: files (JSON, JSON Lines, Parquet, CSV), folders or globs; several mix", path=True
+    )
+    weights: list[float] = opt(
+        [], "per path: how much of it to use (0.5 = a random half, 2 = twice); empty = all once each"
+    )
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "conversation", "text", "completion"] = opt(
+        "auto", "record format; auto detects it from each file's first record"
+    )
+    columns: dict[str, str] = opt(
+        {}, "rename fields before reading, ours → yours, e.g. data.columns.instruction=question"
+    )
+    on_error: Literal["raise", "skip"] = opt(
+        "raise", "a bad record stops the run (raise) or is skipped and reported (skip)"
+    )
+    template: str | None = opt(
+        None, "chat template: null = the tokenizer's own; a name (chatml, llama3, ...) or a .jinja file"
+    )
+    loss_on: Literal["assistant", "last_assistant", "all"] = opt(
+        "assistant", "tokens that carry loss: every assistant turn, only the last one, or every token"
     )
     max_seq_length: int = opt(1024, "longest tokenized sample; longer ones are truncated")
     system: str | None = opt(
@@ -68,6 +85,15 @@ class DataConfig:
     placeholders: dict[str, str] = opt(
         {}, "values for {{key}} placeholders in the data, e.g. data.placeholders.name=Ada"
     )
+    replace: dict[str, str] = opt({}, "plain string replacements applied to every message, old → new")
+    sample: int | None = opt(None, "use a random sample of N records (after mixing), seeded by data.seed")
+    dedup: bool = opt(False, "drop records whose messages repeat an earlier record exactly")
+    eval_ratio: float = opt(0.0, "hold out this fraction of records for evaluation")
+    eval_path: list[str] = opt([], "evaluation data files (instead of eval_ratio)", path=True)
+    seed: int = opt(42, "seed for sampling, weights and the eval split")
+    packing: bool = opt(False, "pack samples into full rows; attention and positions stay within each sample")
+    cache: bool = opt(True, "cache tokenized data under $DANLU_HOME/data, keyed by content and settings")
+    num_proc: int = opt(0, "tokenizer processes (0: one per core)")
 
 
 @dataclass
@@ -231,11 +257,20 @@ def _assign(cfg: Config, dotted: str, value: Any, *, where: str, base: Path | No
         return
     value = _coerce(value, hints[key], full, where)
     meta = {f.name: f.metadata for f in dataclasses.fields(obj)}[key]
-    if meta.get("path") and isinstance(value, str) and value and base is not None:
-        candidate = base / value
-        if not Path(value).is_absolute() and candidate.exists():
-            value = str(candidate.resolve())
+    if meta.get("path") and base is not None:
+        value = [_near(base, v) for v in value] if isinstance(value, list) else _near(base, value)
     setattr(obj, key, value)
+
+
+def _near(base: Path, value: str) -> str:
+    """A relative path (or glob) that exists next to the config file resolves there."""
+    if not value or Path(value).is_absolute():
+        return value
+    candidate = base / value
+    is_glob = any(c in value for c in "*?[")
+    if candidate.exists() or (is_glob and next(iter(base.glob(value)), None) is not None):
+        return str(candidate.resolve())
+    return value
 
 
 # Names other trainers (Hugging Face Trainer, PEFT) use for our keys. Spelling similarity alone
@@ -370,6 +405,14 @@ def validate(cfg: Config) -> None:
         (cfg.lora.r >= 1, "lora.r must be at least 1"),
         (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
         (cfg.data.max_seq_length >= 8, "data.max_seq_length must be at least 8"),
+        (
+            not cfg.data.weights or len(cfg.data.weights) == len(cfg.data.path),
+            "data.weights needs one weight per entry of data.path",
+        ),
+        (all(w > 0 for w in cfg.data.weights), "data.weights must be positive"),
+        (0 <= cfg.data.eval_ratio < 1, "data.eval_ratio must be in [0, 1)"),
+        (cfg.data.sample is None or cfg.data.sample > 0, "data.sample must be positive (or null for all)"),
+        (cfg.data.num_proc >= 0, "data.num_proc must be >= 0 (0: one per core)"),
         (bool(cfg.output.dir), "output.dir must not be empty"),
     ]
     for ok, message in checks:

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from danlu import model as mdl
 from danlu.config import CONFIG_FILENAME, Config, save_config
 from danlu.data.dataset import build, collate, micro_batches
-from danlu.data.render import IGNORE
+from danlu.data.render import IGNORE, Sample
+from danlu.data.templates import apply_template
 from danlu.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    eval_loss: float | None = None
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
@@ -82,7 +84,8 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> Tra
     weights_dtype = mdl.DTYPES.get(cfg.model.dtype, dtype)
     ref = mdl.resolve(cfg.model.path)
     tokenizer = mdl.load_tokenizer(ref, cfg.model.trust_remote_code)
-    samples, summary = build(cfg.data, tokenizer, mdl.stop_token_ids(tokenizer))
+    apply_template(tokenizer, cfg.data.template)
+    samples, eval_samples, summary = build(cfg.data, tokenizer, mdl.stop_token_ids(tokenizer))
     log.info("data %s", summary.line())
 
     # 2) model + adapter, optimizer, schedule
@@ -120,13 +123,15 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> Tra
     start = time.perf_counter()
     for step in range(1, total + 1):
         tic = time.perf_counter()
-        group = [collate(next(batches), tokenizer.pad_token_id) for _ in range(cfg.train.grad_accum)]
+        micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+        n_tokens = sum(len(s.input_ids) for batch in micro for s in batch)
+        group = [collate(batch, tokenizer.pad_token_id) for batch in micro]
         n_trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
         loss_sum = 0.0
         for b in group:
             b = {k: v.to(device) for k, v in b.items()}
             with autocast:
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                logits = forward(model, b)
             loss = token_loss_sum(logits, b["labels"]) / max(n_trained, 1)
             (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.item()
@@ -143,7 +148,7 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> Tra
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens_per_s = sum(int(b["attention_mask"].sum()) for b in group) / (time.perf_counter() - tic)
+        tokens_per_s = n_tokens / (time.perf_counter() - tic)
         result.losses.append(loss_sum)
         if step % cfg.train.log_every == 0 or step == total:
             logger.log(step, loss=loss_sum, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
@@ -152,8 +157,15 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> Tra
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
             save_checkpoint(model, optimizer, scheduler, out, step, cfg.train.save_total_limit)
     bar.close()
-    logger.close()
     result.seconds = time.perf_counter() - start
+    if eval_samples:
+        with autocast:
+            result.eval_loss = evaluate(
+                model, eval_samples, cfg.train.batch_size, tokenizer.pad_token_id, device
+            )
+        logger.log(total, eval_loss=result.eval_loss)
+        log.info("eval loss %.4f on %d samples", result.eval_loss, len(eval_samples))
+    logger.close()
 
     # 5) the final adapter, in plain PEFT format, with the tokenizer and its chat template
     model.eval()
@@ -162,6 +174,32 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> Tra
         "saved adapter to %s (%.1f s, final loss %.4f)", result.adapter_dir, result.seconds, result.losses[-1]
     )
     return result
+
+
+def forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits for a padded batch (attention mask) or a packed one (restarting position ids).
+
+    Packed rows go in with ``attention_mask=None``: transformers then builds the
+    block-diagonal causal mask from the position ids, so samples never see each other. It
+    does so only without a KV cache, hence ``use_cache=False`` (training never needs one).
+    """
+    if "position_ids" in batch:
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
+
+@torch.no_grad()
+def evaluate(model: Any, samples: list[Sample], batch_size: int, pad_id: int, device: str) -> float:
+    """Mean next-token loss over the trained tokens of ``samples`` (dropout off during it)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(samples), batch_size):
+        b = {k: v.to(device) for k, v in collate(samples[i : i + batch_size], pad_id).items()}
+        total += float(token_loss_sum(forward(model, b), b["labels"]))
+        count += int((b["labels"][:, 1:] != IGNORE).sum())
+    model.train(was_training)
+    return total / max(count, 1)
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

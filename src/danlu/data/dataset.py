@@ -1,28 +1,42 @@
-"""A data config → tokenized samples → padded batches.
+"""A data config → tokenized train/eval samples → padded or packed batches.
 
-Reads the file, detects or checks the format, fills placeholders, renders every record
-through the chat template and reports what happened (:class:`DataSummary`). Knows nothing of
-the model beyond its tokenizer.
+Steps, in order: read the sources (files, formats, weights, bad-record policy: ``sources``),
+shape the records (placeholders, replacements, default system prompt, de-duplication,
+sampling), split off evaluation records, tokenize through the chat template on all cores
+(``render``), optionally pack (``packing``), and cache the result keyed by everything that
+went into it (``cache``). Knows nothing of the model beyond its tokenizer.
+
+Samples hold numpy int32 arrays, not Python lists: half a million samples stay a few hundred
+megabytes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import multiprocessing as mp
+import os
 import random
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from danlu.config import DataConfig
-from danlu.data.formats import Message, Record, detect_format, fill_placeholders, read_records, to_messages
+from danlu.data import cache
+from danlu.data.formats import Message, Record, detect_format, record_tools
+from danlu.data.packing import pack
 from danlu.data.render import IGNORE, Sample, render
+from danlu.data.sources import load_sources
 from danlu.errors import UserError
 
 log = logging.getLogger(__name__)
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+Conversation = tuple[Record, list[Message]]
 
 
 @dataclass
@@ -36,65 +50,196 @@ class DataSummary:
     truncated: int
     tokens: int
     trained_tokens: int
+    skipped: int = 0
+    skipped_where: list[str] = field(default_factory=list)
+    eval_samples: int = 0
+    packed_rows: int = 0
+    cached: bool = False
 
     def line(self) -> str:
+        extra = f", {self.eval_samples} eval samples" if self.eval_samples else ""
+        extra += f", packed into {self.packed_rows} rows" if self.packed_rows else ""
+        extra += f", {self.skipped} bad records skipped" if self.skipped else ""
+        extra += " (from cache)" if self.cached else ""
         return (
             f"{self.path}: {self.records} {self.format} records → {self.samples} samples, "
-            f"{self.tokens} tokens ({self.trained_tokens} trained), {self.truncated} truncated"
+            f"{self.tokens} tokens ({self.trained_tokens} trained), {self.truncated} truncated{extra}"
         )
 
 
-def load_conversations(cfg: DataConfig) -> tuple[list[tuple[Record, list[Message]]], str]:
-    """Read ``cfg.path`` and turn every record into messages; returns them and the format."""
-    if not cfg.path:
-        raise UserError("data.path is not set; give a .json/.jsonl file, e.g. data.path=train.jsonl")
-    records = read_records(cfg.path)
-    fmt = cfg.format if cfg.format != "auto" else detect_format(records[0])
-    conversations = []
-    unfilled: set[str] = set()
-    for record in records:
-        messages = fill_placeholders(to_messages(record, fmt), cfg.placeholders)
-        if cfg.system is not None and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": cfg.system}, *messages]
-        if not any(m["role"] == "assistant" for m in messages):
-            raise UserError(f"{record.where()}: record has no assistant reply to train on")
-        for m in messages:
-            unfilled.update(_PLACEHOLDER.findall(m["content"]))
-        conversations.append((record, messages))
+# ------------------------------------------------------------------------- records
+
+
+def load_conversations(
+    cfg: DataConfig, paths: list[str] | None = None
+) -> tuple[list[Conversation], str, Any]:
+    """Read and shape the records of ``paths`` (default ``cfg.path``): messages, formats, skip report."""
+    conversations, skipped = load_sources(cfg, paths)
+    formats = _formats(conversations, cfg)
+    shaped = [(record, _shape(messages, cfg)) for record, messages in conversations]
+    if cfg.dedup:
+        seen: set[str] = set()
+        unique = []
+        for record, messages in shaped:
+            key = hashlib.sha1(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+            if key not in seen:
+                seen.add(key)
+                unique.append((record, messages))
+        log.info("dedup: %d of %d records were repeats", len(shaped) - len(unique), len(shaped))
+        shaped = unique
+    if cfg.sample is not None and cfg.sample < len(shaped):
+        picked = sorted(random.Random(cfg.seed).sample(range(len(shaped)), cfg.sample))
+        shaped = [shaped[i] for i in picked]
+    unfilled = {key for _, messages in shaped for m in messages for key in _PLACEHOLDER.findall(m["content"])}
     if unfilled:
         keys = ", ".join(sorted(unfilled))
         log.warning(
             "data still holds placeholders {{%s}}; set data.placeholders.KEY=VALUE to fill them", keys
         )
-    return conversations, fmt
+    return shaped, formats, skipped
 
 
-def build(cfg: DataConfig, tokenizer: Any, stop_ids: set[int]) -> tuple[list[Sample], DataSummary]:
-    """Tokenize the whole data file; samples with nothing left to train on are dropped."""
-    conversations, fmt = load_conversations(cfg)
-    samples = []
-    for record, messages in conversations:
+def _formats(conversations: list[Conversation], cfg: DataConfig) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    first_by_file: dict[str, Record] = {}
+    for record, _ in conversations:
+        first_by_file.setdefault(record.path, record)
+    names = []
+    for record in first_by_file.values():
         try:
-            sample = render(tokenizer, messages, cfg.max_seq_length, stop_ids)
+            names.append(record.format or detect_format(record))
+        except UserError:
+            names.append("?")
+    return "+".join(sorted(set(names))) or "?"
+
+
+def _shape(messages: list[Message], cfg: DataConfig) -> list[Message]:
+    """Placeholders, plain replacements and the default system prompt."""
+    if cfg.placeholders or cfg.replace:
+        out = []
+        for m in messages:
+            content = m["content"]
+            for key, value in cfg.placeholders.items():
+                content = content.replace("{{" + key + "}}", value)
+            for old, new in cfg.replace.items():
+                content = content.replace(old, new)
+            out.append({**m, "content": content})
+        messages = out
+    raw = messages[0]["role"] in ("text", "prompt")
+    if cfg.system is not None and not raw and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": cfg.system}, *messages]
+    if not raw and not any(m["role"] == "assistant" for m in messages):
+        raise UserError("a record has no assistant reply to train on")
+    return messages
+
+
+def split_eval(conversations: list[Conversation], ratio: float, seed: int) -> tuple[list, list]:
+    """Hold out ``ratio`` of the conversations (at least one when ratio > 0)."""
+    if ratio <= 0:
+        return conversations, []
+    n_eval = max(1, round(len(conversations) * ratio))
+    if n_eval >= len(conversations):
+        raise UserError(f"data.eval_ratio={ratio} leaves no training records; lower it")
+    held = set(random.Random(seed + 1).sample(range(len(conversations)), n_eval))
+    train = [c for i, c in enumerate(conversations) if i not in held]
+    return train, [c for i, c in enumerate(conversations) if i in held]
+
+
+# ---------------------------------------------------------------------- tokenizing
+
+_WORKER: dict[str, Any] = {}
+
+
+def _tokenize_chunk(
+    chunk: list[tuple[str, list[Message], Any]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """Tokenize a chunk in a worker: flat ids, flat labels, per-sample lengths, per-sample truncation."""
+    w = _WORKER
+    ids, labels, lengths, truncated = [], [], [], []
+    for where, messages, tools in chunk:
+        try:
+            s = render(w["tokenizer"], messages, w["max_length"], w["stop_ids"], w["loss_on"], tools)
         except UserError as e:
-            raise UserError(f"{record.where()}: {e}") from None
-        if sample.trained_tokens:
-            samples.append(sample)
-    if not samples:
+            raise UserError(f"{where}: {e}") from None
+        ids += s.input_ids
+        labels += s.labels
+        lengths.append(len(s.input_ids))
+        truncated.append(s.truncated)
+    return np.asarray(ids, np.int32), np.asarray(labels, np.int32), np.asarray(lengths, np.int64), truncated
+
+
+def tokenize(
+    conversations: list[Conversation], tokenizer: Any, cfg: DataConfig, stop_ids: set[int]
+) -> list[Sample]:
+    """Render every conversation, on ``cfg.num_proc`` processes (0: all cores) for large sets."""
+    _WORKER.update(tokenizer=tokenizer, max_length=cfg.max_seq_length, stop_ids=stop_ids, loss_on=cfg.loss_on)
+    items = [(r.where(), m, record_tools(r)) for r, m in conversations]
+    size = 1000
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    procs = cfg.num_proc or os.cpu_count() or 1
+    if procs > 1 and len(chunks) > 1 and "fork" in mp.get_all_start_methods():
+        # fork: workers inherit the tokenizer instead of unpickling it
+        with mp.get_context("fork").Pool(min(procs, len(chunks))) as pool:
+            parts = pool.map(_tokenize_chunk, chunks, chunksize=1)
+    else:
+        parts = [_tokenize_chunk(c) for c in chunks]
+    _WORKER.clear()
+    samples: list[Sample] = []
+    for ids, labels, lengths, truncated in parts:
+        ends = np.cumsum(lengths)
+        for end, n, cut in zip(ends, lengths, truncated, strict=True):
+            samples.append(Sample(ids[end - n : end], labels[end - n : end], cut))
+    return samples
+
+
+def _keep_trainable(samples: list[Sample]) -> list[Sample]:
+    return [s for s in samples if (np.asarray(s.labels[1:]) != IGNORE).any()]
+
+
+def build(
+    cfg: DataConfig, tokenizer: Any, stop_ids: set[int]
+) -> tuple[list[Sample], list[Sample], DataSummary]:
+    """Train samples, eval samples and a summary, from the cache when nothing changed."""
+    key = cache.key(cfg, tokenizer, stop_ids) if cfg.cache else None
+    hit = cache.load(key) if key else None
+    if hit is not None:
+        train, evals, summary = hit
+        summary.cached = True
+        return train, evals, summary
+    conversations, formats, skipped = load_conversations(cfg)
+    train_convs, eval_convs = split_eval(conversations, cfg.eval_ratio, cfg.seed)
+    if cfg.eval_path:
+        eval_convs = load_conversations(cfg, cfg.eval_path)[0]
+    train = _keep_trainable(tokenize(train_convs, tokenizer, cfg, stop_ids))
+    evals = _keep_trainable(tokenize(eval_convs, tokenizer, cfg, stop_ids)) if eval_convs else []
+    if not train:
         raise UserError(
-            f"{cfg.path}: no sample has assistant tokens left within data.max_seq_length="
+            f"{', '.join(cfg.path)}: no sample has trained tokens left within data.max_seq_length="
             f"{cfg.max_seq_length}; raise it"
         )
     summary = DataSummary(
-        path=str(cfg.path),
-        format=fmt,
+        path=", ".join(cfg.path),
+        format=formats,
         records=len(conversations),
-        samples=len(samples),
-        truncated=sum(s.truncated for s in samples),
-        tokens=sum(len(s.input_ids) for s in samples),
-        trained_tokens=sum(s.trained_tokens for s in samples),
+        samples=len(train),
+        truncated=sum(s.truncated for s in train),
+        tokens=sum(len(s.input_ids) for s in train),
+        trained_tokens=sum(s.trained_tokens for s in train),
+        skipped=skipped.count,
+        skipped_where=[where for where, _ in skipped.items][:100],
+        eval_samples=len(evals),
     )
-    return samples, summary
+    if cfg.packing:
+        train = pack(train, cfg.max_seq_length)
+        evals = pack(evals, cfg.max_seq_length) if evals else []
+        summary.packed_rows = len(train)
+    if key:
+        cache.save(key, train, evals, summary)
+    return train, evals, summary
+
+
+# ------------------------------------------------------------------------ batching
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -117,14 +262,21 @@ def micro_batches(
 
 
 def collate(batch: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; padding is masked out of attention and loss."""
+    """Right-pad a micro-batch. Padded rows get an attention mask; packed rows get restarting
+    position ids instead (and padding becomes one more short segment that nothing attends to)."""
     width = max(len(s.input_ids) for s in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    packed = batch[0].position_ids is not None
+    extra = torch.zeros((len(batch), width), dtype=torch.long)
     for row, s in enumerate(batch):
         n = len(s.input_ids)
-        ids[row, :n] = torch.tensor(s.input_ids)
-        labels[row, :n] = torch.tensor(s.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        ids[row, :n] = torch.as_tensor(np.asarray(s.input_ids), dtype=torch.long)
+        labels[row, :n] = torch.as_tensor(np.asarray(s.labels), dtype=torch.long)
+        if packed:
+            extra[row, :n] = torch.as_tensor(np.asarray(s.position_ids), dtype=torch.long)
+            extra[row, n:] = torch.arange(width - n)
+        else:
+            extra[row, :n] = 1
+    key = "position_ids" if packed else "attention_mask"
+    return {"input_ids": ids, "labels": labels, key: extra}

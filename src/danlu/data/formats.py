@@ -1,107 +1,77 @@
 """Records as users bring them → lists of chat messages.
 
-Pure functions, no tokenizer: a file becomes ``Record``s (with the line each came from), and
-each record becomes ``[{"role": ..., "content": ...}, ...]``. Every problem is a
-:class:`UserError` naming file, line and field.
+Pure functions, no tokenizer and no files (``sources`` reads those): each ``Record`` becomes
+``[{"role": ..., "content": ...}, ...]``. Every problem is a :class:`UserError` naming file,
+line and field (and the user's own column name when ``data.columns`` renamed it).
 
 Formats read here:
 - ``alpaca``: ``instruction``, ``input``, ``output``, optional ``system`` and ``history``
   (a list of ``[question, answer]`` pairs before this one).
-- ``messages`` (OpenAI): ``{"messages": [{"role": ..., "content": ...}, ...]}``.
+- ``messages`` (OpenAI): ``{"messages": [{"role": ..., "content": ...}, ...]}``, optional
+  record-level ``tools`` (see :func:`record_tools`); assistant messages may carry ``tool_calls``.
 - ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}``.
 - ``conversation`` (Firefly/MOSS): ``{"conversation": [{"human": ..., "assistant": ...}]}``
   with optional ``system``.
+- ``text``: ``{"text": ...}`` → one ``text`` message; every token is trained (plain pretraining).
+- ``completion``: ``{"prompt": ..., "completion": ...}`` → ``prompt`` and ``completion``
+  messages; only the completion is trained.
+
+List fields (``messages``, ``history``, ``tools``, ...) may also arrive as JSON text, as they
+do from CSV files and some Parquet exports.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from danlu.errors import UserError
 
-FORMATS = ("alpaca", "messages", "sharegpt", "conversation")
-Message = dict[str, str]
+FORMATS = ("alpaca", "messages", "sharegpt", "conversation", "text", "completion")
+Message = dict[str, Any]
 
 
 @dataclass
 class Record:
-    """One raw record and where it came from."""
+    """One raw record, where it came from, and how it was read."""
 
     data: Any
     path: str
     line: int
+    columns: dict[str, str] = field(default_factory=dict)  # our field → the user's column
+    format: str | None = None  # set by sources.load_sources once known
 
     def where(self) -> str:
+        if self.path.endswith(".parquet"):  # a Parquet file has rows, not lines
+            return f"{self.path} row {self.line}"
         return f"{self.path}:{self.line}"
 
 
-def read_records(path: str | Path) -> list[Record]:
-    """Read a JSON array or JSON Lines file (whatever its extension says)."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"data file not found: {p} (set data.path to a .json or .jsonl file)")
-    if p.is_dir():
-        raise UserError(f"data.path is a folder: {p}; point it at a .json or .jsonl file")
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(
-            f"{p}:{line}: not UTF-8 text; convert it, e.g. `iconv -f GBK -t UTF-8 {p.name} > fixed.json`"
-        ) from None
-    text = text.replace("\r\n", "\n")
-    if not text.strip():
-        raise UserError(f"{p}: the file is empty; it needs at least one record")
-    if text.lstrip().startswith("["):
-        return _read_array(text, p)
-    return _read_lines(text, p)
+def apply_columns(record: Record, columns: dict[str, str]) -> Record:
+    """Rename the user's top-level columns to ours (``columns`` maps ours → theirs).
+
+    The user's names disappear, so ``{"prompt": "input", "completion": "output"}`` does not
+    leave an ``output`` key behind that would read as alpaca. A record that already uses our
+    name keeps it (handy when one mapping covers several files). Errors later name both.
+    """
+    if not columns or not isinstance(record.data, dict):
+        return record
+    theirs = set(columns.values())
+    data = {k: v for k, v in record.data.items() if k not in theirs}
+    for ours, column in columns.items():
+        if column in record.data:
+            data[ours] = record.data[column]
+    return Record(data, record.path, record.line, dict(columns), record.format)
 
 
-def _read_array(text: str, p: Path) -> list[Record]:
-    decoder = json.JSONDecoder()
-    start = text.index("[")
-    try:
-        data, stop = decoder.raw_decode(text, start)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}:{e.lineno}: malformed JSON ({e.msg}): {_snippet(text, e.pos)}") from None
-    rest = len(text) - len(text[stop:].lstrip())
-    if rest < len(text):  # e.g. two arrays glued together: never drop records silently
-        line = text.count("\n", 0, rest) + 1
-        raise UserError(f"{p}:{line}: extra text after the JSON array: {_snippet(text, rest)}")
-    if not data:
-        raise UserError(f"{p}: the JSON array is empty; it needs at least one record")
-    # Find each element's line by decoding the array element by element.
-    records, pos = [], start + 1
-    for item in data:
-        while text[pos] in " \t\r\n,":
-            pos += 1
-        _, end = decoder.raw_decode(text, pos)
-        records.append(Record(item, str(p), text.count("\n", 0, pos) + 1))
-        pos = end
-    return records
+def read_records(path: Any) -> list[Record]:
+    """Deprecated: use :func:`danlu.data.sources.read_file`."""
+    from pathlib import Path
 
+    from danlu.data.sources import read_file  # sources imports this module
 
-def _read_lines(text: str, p: Path) -> list[Record]:
-    records = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(Record(json.loads(line), str(p), number))
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{p}:{number}: malformed JSON Lines record ({e.msg}): {_snippet(line, e.pos)}"
-            ) from None
-    return records
-
-
-def _snippet(text: str, pos: int, width: int = 40) -> str:
-    piece = text[max(0, pos - width) : pos + width].replace("\n", "⏎")
-    return repr(piece)
+    return read_file(Path(path))
 
 
 def detect_format(record: Record) -> str:
@@ -117,10 +87,14 @@ def detect_format(record: Record) -> str:
         return "conversation"
     if "instruction" in d or "output" in d:
         return "alpaca"
+    if "prompt" in d and "completion" in d:
+        return "completion"
+    if "text" in d:
+        return "text"
     raise UserError(
         f"{record.where()}: cannot tell the format from keys {sorted(d)}; expected one of: "
         "instruction/input/output (alpaca), messages, conversations (sharegpt), conversation "
-        "(firefly); or set data.format"
+        "(firefly), text, prompt/completion; rename columns with data.columns or set data.format"
     )
 
 
@@ -131,15 +105,52 @@ def to_messages(record: Record, fmt: str) -> list[Message]:
     return _CONVERTERS[fmt](record)
 
 
+def record_tools(record: Record, fmt: str | None = None) -> list[dict] | None:
+    """The record-level ``tools`` (function schemas) of a ``messages`` record, or None.
+
+    ``fmt`` defaults to ``record.format``; other formats have no tools.
+    """
+    if (fmt or record.format) != "messages" or not isinstance(record.data, dict):
+        return None
+    tools = _list(record, record.data, "tools", required=False)
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise UserError(f"{record.where()}: tools[{i}] must be an object, got {type(tool).__name__}")
+    return tools or None
+
+
+def _field(record: Record, key: str) -> str:
+    """``field 'output'``, plus the user's column name when data.columns renamed it."""
+    column = record.columns.get(key)
+    return f"field '{key}' (column '{column}')" if column and column != key else f"field '{key}'"
+
+
 def _text(record: Record, obj: dict, key: str, *, required: bool = True, field_name: str = "") -> str:
-    name = field_name or key
+    """``obj[key]`` as text; ``field_name`` names nested fields, top-level ones use their key."""
+    name = f"field '{field_name}'" if field_name else _field(record, key)
     value = obj.get(key)
     if value is None or (isinstance(value, str) and not value.strip() and required):
         if required:
-            raise UserError(f"{record.where()}: field '{name}' is missing or empty")
+            raise UserError(f"{record.where()}: {name} is missing or empty")
         return ""
     if not isinstance(value, str):
-        raise UserError(f"{record.where()}: field '{name}' must be text, got {type(value).__name__}")
+        raise UserError(f"{record.where()}: {name} must be text, got {type(value).__name__}")
+    return value
+
+
+def _list(record: Record, obj: dict, key: str, *, required: bool = True, field_name: str = "") -> list:
+    """``obj[key]`` as a list, decoding JSON text (CSV cells); required means non-empty."""
+    name = f"field '{field_name}'" if field_name else _field(record, key)
+    value = obj.get(key)
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{record.where()}: {name} holds malformed JSON ({e.msg})") from None
+    if value is None and not required:
+        return []
+    if not isinstance(value, list) or (required and not value):
+        raise UserError(f"{record.where()}: {name} must be a {'non-empty ' if required else ''}list")
     return value
 
 
@@ -150,8 +161,12 @@ def _alpaca(record: Record) -> list[Message]:
     if system:
         messages.append({"role": "system", "content": system})
     history = d.get("history") or []
+    if isinstance(history, str) and history.strip().startswith("["):  # JSON text from a CSV cell
+        history = _list(record, d, "history")
     if not isinstance(history, list):
-        raise UserError(f"{record.where()}: field 'history' must be a list of [question, answer] pairs")
+        raise UserError(
+            f"{record.where()}: {_field(record, 'history')} must be a list of [question, answer] pairs"
+        )
     for i, pair in enumerate(history):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise UserError(f"{record.where()}: history[{i}] must be a [question, answer] pair of texts")
@@ -160,7 +175,7 @@ def _alpaca(record: Record) -> list[Message]:
     extra = _text(record, d, "input", required=False)
     prompt = f"{instruction}\n\n{extra}" if instruction and extra else (instruction or extra)
     if not prompt.strip():
-        raise UserError(f"{record.where()}: field 'instruction' is missing or empty")
+        raise UserError(f"{record.where()}: {_field(record, 'instruction')} is missing or empty")
     messages.append({"role": "user", "content": prompt})
     messages.append({"role": "assistant", "content": _text(record, d, "output")})
     return messages
@@ -179,24 +194,28 @@ _ROLES = {
 
 
 def _messages(record: Record) -> list[Message]:
-    items = record.data.get("messages")
-    if not isinstance(items, list) or not items:
-        raise UserError(f"{record.where()}: field 'messages' must be a non-empty list")
+    items = _list(record, record.data, "messages")
+    record_tools(record, "messages")  # a malformed tools list is this record's error, found now
     out = []
     for i, m in enumerate(items):
         if not isinstance(m, dict) or m.get("role") not in _ROLES:
             raise UserError(f"{record.where()}: messages[{i}].role must be system, user, assistant or tool")
-        content = _text(
-            record, m, "content", required=m["role"] == "assistant", field_name=f"messages[{i}].content"
-        )
-        out.append({**m, "role": _ROLES[m["role"]], "content": content})
+        role = _ROLES[m["role"]]
+        calls = _list(record, m, "tool_calls", required=False, field_name=f"messages[{i}].tool_calls")
+        # an assistant turn that only calls tools has no text
+        required = role == "assistant" and not calls
+        content = _text(record, m, "content", required=required, field_name=f"messages[{i}].content")
+        # Parquet fills absent struct fields with None; drop them so templates see them as absent
+        message = {k: v for k, v in m.items() if v is not None}
+        message.update(role=role, content=content)
+        if calls:
+            message["tool_calls"] = calls
+        out.append(message)
     return out
 
 
 def _sharegpt(record: Record) -> list[Message]:
-    items = record.data.get("conversations")
-    if not isinstance(items, list) or not items:
-        raise UserError(f"{record.where()}: field 'conversations' must be a non-empty list")
+    items = _list(record, record.data, "conversations")
     out = []
     for i, m in enumerate(items):
         if not isinstance(m, dict) or m.get("from") not in _ROLES:
@@ -211,15 +230,15 @@ def _sharegpt(record: Record) -> list[Message]:
 
 def _conversation(record: Record) -> list[Message]:
     d = record.data
-    turns = d.get("conversation")
-    if not isinstance(turns, list) or not turns:
-        raise UserError(f"{record.where()}: field 'conversation' must be a non-empty list")
+    turns = _list(record, d, "conversation")
     out: list[Message] = []
     system = _text(record, d, "system", required=False)
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise UserError(f"{record.where()}: conversation[{i}] must be an object")
-        system = system or _text(record, turn, "system", required=False)
+        system = system or _text(
+            record, turn, "system", required=False, field_name=f"conversation[{i}].system"
+        )
         # Firefly pairs human/assistant, XTuner input/output: name the missing one of the pair in use
         user_key = "human" if "human" in turn or ("input" not in turn and "assistant" in turn) else "input"
         bot_key = (
@@ -240,7 +259,29 @@ def _conversation(record: Record) -> list[Message]:
     return ([{"role": "system", "content": system}] if system else []) + out
 
 
-_CONVERTERS = {"alpaca": _alpaca, "messages": _messages, "sharegpt": _sharegpt, "conversation": _conversation}
+def _plain_text(record: Record) -> list[Message]:
+    return [{"role": "text", "content": _text(record, record.data, "text")}]
+
+
+def _completion(record: Record) -> list[Message]:
+    d = record.data
+    if d.get("prompt") is None:  # an empty prompt is fine, an absent one is a wrong column
+        raise UserError(f"{record.where()}: {_field(record, 'prompt')} is missing")
+    prompt = _text(record, d, "prompt", required=False)
+    return [
+        {"role": "prompt", "content": prompt},
+        {"role": "completion", "content": _text(record, d, "completion")},
+    ]
+
+
+_CONVERTERS = {
+    "alpaca": _alpaca,
+    "messages": _messages,
+    "sharegpt": _sharegpt,
+    "conversation": _conversation,
+    "text": _plain_text,
+    "completion": _completion,
+}
 
 
 def fill_placeholders(messages: list[Message], values: dict[str, str]) -> list[Message]:

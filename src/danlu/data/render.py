@@ -1,6 +1,8 @@
 """Messages → ``(input_ids, labels)`` through the tokenizer's chat template.
 
-This is the only place where loss masks are made. Each assistant turn is located in the
+This is the only place where loss masks are made. Raw records (roles ``text``, or ``prompt``
+then ``completion``) skip the template: text trains every token, a completion trains only
+itself; both end with the EOS token. Each assistant turn is located in the
 rendered text as the characters between "the conversation so far, with the generation
 prompt" and "the conversation including this turn"; tokens starting inside those spans are
 trained, everything else gets label ``IGNORE``. The span therefore holds the turn's end-of-turn
@@ -13,42 +15,55 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from danlu.errors import UserError
 
 IGNORE = -100
 
 
+RAW_ROLES = ("text", "prompt", "completion")
+LOSS_ON = ("assistant", "last_assistant", "all")
+
+
 @dataclass
 class Sample:
-    """One tokenized training sample."""
+    """One tokenized training sample; packed rows carry positions that restart per sample."""
 
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    position_ids: list[int] | None = None
 
     @property
     def trained_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        return int((np.asarray(self.labels) != IGNORE).sum())
 
 
-def _template(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _template(
+    tokenizer: Any, messages: list[dict], generation_prompt: bool, tools: list | None = None
+) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt, tools=tools
+    )
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    tokenizer: Any, messages: list[dict], tools: list | None = None
+) -> tuple[str, list[tuple[int, int]]]:
     """Render ``messages`` and return the text plus the character span of each assistant turn."""
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
             "the tokenizer has no chat template; use an instruct/chat model "
             "(named templates for base models come with a later release)"
         )
-    text = _template(tokenizer, messages, generation_prompt=False)
+    text = _template(tokenizer, messages, False, tools)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = _template(tokenizer, messages[:i], generation_prompt=True)
-        through = _template(tokenizer, messages[: i + 1], generation_prompt=False)
+        before = _template(tokenizer, messages[:i], True, tools)
+        through = _template(tokenizer, messages[: i + 1], False, tools)
         if not (text.startswith(before) and text.startswith(through) and len(through) > len(before)):
             raise UserError(
                 "the chat template does not render conversations as growing prefixes, so the "
@@ -58,25 +73,52 @@ def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tup
     return text, spans
 
 
-def render(tokenizer: Any, messages: list[dict], max_length: int, stop_ids: set[int]) -> Sample:
-    """Tokenize one conversation; train on assistant turns, including their stop token.
+def render(
+    tokenizer: Any,
+    messages: list[dict],
+    max_length: int,
+    stop_ids: set[int],
+    loss_on: str = "assistant",
+    tools: list | None = None,
+) -> Sample:
+    """Tokenize one conversation; by default train on assistant turns, including their stop token.
 
-    Raises :class:`UserError` when an assistant turn would not teach the model to stop
-    (none of ``stop_ids`` inside the trained span), since such a model never stops talking.
+    ``loss_on``: ``assistant`` (every assistant turn), ``last_assistant`` or ``all`` (every
+    token). Raises :class:`UserError` when a trained assistant turn would not teach the model
+    to stop (none of ``stop_ids`` inside it), since such a model never stops talking.
     """
-    text, spans = assistant_spans(tokenizer, messages)
+    if messages and messages[0]["role"] in RAW_ROLES:
+        return _render_raw(tokenizer, messages, max_length)
+    text, spans = assistant_spans(tokenizer, messages, tools)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
-    labels = [IGNORE] * len(ids)
-    for start, end in spans:
-        trained = [i for i, (a, _) in enumerate(enc["offset_mapping"]) if start <= a < end]
+    starts = [a for a, _ in enc["offset_mapping"]]
+    trained_spans = spans[-1:] if loss_on == "last_assistant" else spans
+    labels = list(ids) if loss_on == "all" else [IGNORE] * len(ids)
+    for start, end in trained_spans:
+        trained = [i for i, a in enumerate(starts) if start <= a < end]
         if stop_ids and not any(ids[i] in stop_ids for i in trained):
             names = ", ".join(repr(tokenizer.convert_ids_to_tokens(t)) for t in sorted(stop_ids))
             raise UserError(
                 f"the chat template does not end assistant turns with a stop token ({names}), so the "
-                "tuned model would never stop; use a template that closes each turn with the EOS token"
+                "tuned model would never stop; use a template that closes each turn with the EOS token "
+                "(data.template)"
             )
         for i in trained:
             labels[i] = ids[i]
+    truncated = len(ids) > max_length
+    return Sample(ids[:max_length], labels[:max_length], truncated)
+
+
+def _render_raw(tokenizer: Any, messages: list[dict], max_length: int) -> Sample:
+    """``text``: every token trained; ``prompt`` + ``completion``: only the completion. Both end in EOS."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if messages[0]["role"] == "text":
+        ids = tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"] + eos
+        labels = list(ids)
+    else:
+        prompt = tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"]
+        completion = tokenizer(messages[1]["content"], add_special_tokens=False)["input_ids"] + eos
+        ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
     truncated = len(ids) > max_length
     return Sample(ids[:max_length], labels[:max_length], truncated)
