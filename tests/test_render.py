@@ -50,7 +50,7 @@ def test_truncation_cuts_to_max_length(tokenizer):
     full = render(tokenizer, CHAT, 512, {tokenizer.eos_token_id})
     short = render(tokenizer, CHAT, 20, {tokenizer.eos_token_id})
     assert short.truncated and len(short.input_ids) == 20
-    assert short.input_ids == full.input_ids[:20] and short.labels == full.labels[:20]
+    assert list(short.input_ids) == list(full.input_ids[:20]) and list(short.labels) == list(full.labels[:20])
 
 
 def test_refuses_a_template_whose_turns_do_not_end_in_a_stop_token(tokenizer):

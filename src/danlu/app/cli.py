@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("env", help="show python, torch, GPU and library versions, and what is missing")
     p.set_defaults(func=cmd_env)
+
+    from danlu.app.data_cli import add_data_parser
+
+    add_data_parser(sub)
     return parser
 
 

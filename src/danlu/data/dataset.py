@@ -30,7 +30,7 @@ from danlu.config import DataConfig
 from danlu.data import cache
 from danlu.data.formats import Message, Record, detect_format, record_tools
 from danlu.data.packing import pack
-from danlu.data.render import IGNORE, Sample, render
+from danlu.data.render import IGNORE, RAW_ROLES, Sample, assistant_spans, encode_texts, label, render_raw
 from danlu.data.sources import load_sources
 from danlu.errors import UserError
 
@@ -154,19 +154,37 @@ _WORKER: dict[str, Any] = {}
 def _tokenize_chunk(
     chunk: list[tuple[str, list[Message], Any]],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
-    """Tokenize a chunk in a worker: flat ids, flat labels, per-sample lengths, per-sample truncation."""
+    """Tokenize a chunk in a worker: flat ids, flat labels, per-sample lengths, per-sample truncation.
+
+    Templates render one conversation at a time; the tokenizer then runs once for the chunk.
+    """
     w = _WORKER
-    ids, labels, lengths, truncated = [], [], [], []
-    for where, messages, tools in chunk:
+    tok, max_length = w["tokenizer"], w["max_length"]
+    samples: list[Sample | None] = [None] * len(chunk)
+    texts, spans, slots = [], [], []
+    for i, (where, messages, tools) in enumerate(chunk):
         try:
-            s = render(w["tokenizer"], messages, w["max_length"], w["stop_ids"], w["loss_on"], tools)
+            if messages[0]["role"] in RAW_ROLES:
+                samples[i] = render_raw(tok, messages, max_length)
+                continue
+            text, turn_spans = assistant_spans(tok, messages, tools)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
-        ids += s.input_ids
-        labels += s.labels
-        lengths.append(len(s.input_ids))
-        truncated.append(s.truncated)
-    return np.asarray(ids, np.int32), np.asarray(labels, np.int32), np.asarray(lengths, np.int64), truncated
+        texts.append(text)
+        spans.append(turn_spans)
+        slots.append(i)
+    for i, turn_spans, (ids, starts) in zip(slots, spans, encode_texts(tok, texts), strict=True):
+        try:
+            samples[i] = label(tok, ids, starts, turn_spans, max_length, w["stop_ids"], w["loss_on"])
+        except UserError as e:
+            raise UserError(f"{chunk[i][0]}: {e}") from None
+    done = [s for s in samples if s is not None]
+    return (
+        np.concatenate([s.input_ids for s in done]) if done else np.zeros(0, np.int32),
+        np.concatenate([s.labels for s in done]) if done else np.zeros(0, np.int32),
+        np.asarray([len(s.input_ids) for s in done], np.int64),
+        [s.truncated for s in done],
+    )
 
 
 def tokenize(

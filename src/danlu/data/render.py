@@ -54,8 +54,8 @@ def assistant_spans(
     """Render ``messages`` and return the text plus the character span of each assistant turn."""
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
-            "the tokenizer has no chat template; use an instruct/chat model "
-            "(named templates for base models come with a later release)"
+            "the tokenizer has no chat template; set data.template to a named template "
+            "(chatml, llama3, alpaca, ...) or a .jinja file"
         )
     text = _template(tokenizer, messages, False, tools)
     spans = []
@@ -63,7 +63,8 @@ def assistant_spans(
         if m["role"] != "assistant":
             continue
         before = _template(tokenizer, messages[:i], True, tools)
-        through = _template(tokenizer, messages[: i + 1], False, tools)
+        # the conversation through its last turn is the whole text: one render saved per record
+        through = text if i == len(messages) - 1 else _template(tokenizer, messages[: i + 1], False, tools)
         if not (text.startswith(before) and text.startswith(through) and len(through) > len(before)):
             raise UserError(
                 "the chat template does not render conversations as growing prefixes, so the "
@@ -71,6 +72,51 @@ def assistant_spans(
             )
         spans.append((len(before), len(through)))
     return text, spans
+
+
+def encode_texts(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Token ids and each token's first character offset, for many texts in one call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # fast tokenizers: one call into Rust for the whole batch
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [
+            (np.asarray(e.ids, np.int32), np.asarray([a for a, _ in e.offsets], np.int64)) for e in encodings
+        ]
+    out = []
+    for text in texts:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        out.append(
+            (np.asarray(enc["input_ids"], np.int32), np.asarray([a for a, _ in enc["offset_mapping"]]))
+        )
+    return out
+
+
+def label(
+    tokenizer: Any,
+    ids: np.ndarray,
+    starts: np.ndarray,
+    spans: list[tuple[int, int]],
+    max_length: int,
+    stop_ids: set[int],
+    loss_on: str = "assistant",
+) -> Sample:
+    """Labels for encoded text: tokens that start inside a trained span keep their id."""
+    trained_spans = spans[-1:] if loss_on == "last_assistant" else spans
+    labels = ids.copy() if loss_on == "all" else np.full_like(ids, IGNORE)
+    stops = np.asarray(sorted(stop_ids), np.int32)
+    for start, end in trained_spans:
+        inside = (starts >= start) & (starts < end)
+        if len(stops) and not np.isin(ids[inside], stops).any():
+            names = ", ".join(repr(tokenizer.convert_ids_to_tokens(int(t))) for t in stops)
+            raise UserError(
+                f"the chat template does not end assistant turns with a stop token ({names}), so the "
+                "tuned model would never stop; use a template that closes each turn with the EOS token "
+                "(data.template)"
+            )
+        labels[inside] = ids[inside]
+    truncated = len(ids) > max_length
+    ids_np, labels_np = np.asarray(ids, np.int32), np.asarray(labels, np.int32)
+    return Sample(ids_np[:max_length], labels_np[:max_length], truncated)
 
 
 def render(
@@ -85,32 +131,18 @@ def render(
 
     ``loss_on``: ``assistant`` (every assistant turn), ``last_assistant`` or ``all`` (every
     token). Raises :class:`UserError` when a trained assistant turn would not teach the model
-    to stop (none of ``stop_ids`` inside it), since such a model never stops talking.
+    to stop (none of ``stop_ids`` inside it), since such a model never stops talking. For many
+    conversations at once, :func:`assistant_spans`, :func:`encode_texts` and :func:`label` are
+    the same steps with the tokenizer called once per batch.
     """
     if messages and messages[0]["role"] in RAW_ROLES:
-        return _render_raw(tokenizer, messages, max_length)
+        return render_raw(tokenizer, messages, max_length)
     text, spans = assistant_spans(tokenizer, messages, tools)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = enc["input_ids"]
-    starts = [a for a, _ in enc["offset_mapping"]]
-    trained_spans = spans[-1:] if loss_on == "last_assistant" else spans
-    labels = list(ids) if loss_on == "all" else [IGNORE] * len(ids)
-    for start, end in trained_spans:
-        trained = [i for i, a in enumerate(starts) if start <= a < end]
-        if stop_ids and not any(ids[i] in stop_ids for i in trained):
-            names = ", ".join(repr(tokenizer.convert_ids_to_tokens(t)) for t in sorted(stop_ids))
-            raise UserError(
-                f"the chat template does not end assistant turns with a stop token ({names}), so the "
-                "tuned model would never stop; use a template that closes each turn with the EOS token "
-                "(data.template)"
-            )
-        for i in trained:
-            labels[i] = ids[i]
-    truncated = len(ids) > max_length
-    return Sample(ids[:max_length], labels[:max_length], truncated)
+    ((ids, starts),) = encode_texts(tokenizer, [text])
+    return label(tokenizer, ids, starts, spans, max_length, stop_ids, loss_on)
 
 
-def _render_raw(tokenizer: Any, messages: list[dict], max_length: int) -> Sample:
+def render_raw(tokenizer: Any, messages: list[dict], max_length: int) -> Sample:
     """``text``: every token trained; ``prompt`` + ``completion``: only the completion. Both end in EOS."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if messages[0]["role"] == "text":
@@ -121,4 +153,5 @@ def _render_raw(tokenizer: Any, messages: list[dict], max_length: int) -> Sample
         completion = tokenizer(messages[1]["content"], add_special_tokens=False)["input_ids"] + eos
         ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
     truncated = len(ids) > max_length
-    return Sample(ids[:max_length], labels[:max_length], truncated)
+    ids_np, labels_np = np.asarray(ids, np.int32), np.asarray(labels, np.int32)
+    return Sample(ids_np[:max_length], labels_np[:max_length], truncated)
