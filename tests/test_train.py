@@ -168,7 +168,7 @@ def test_checkpoints_keep_the_last_k(tiny_model_dir, data, tmp_path):
     train(cfg, progress=False)
     names = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
     assert names == ["checkpoint-4", "checkpoint-6"]
-    state = torch.load(tmp_path / "run" / "checkpoint-6" / "trainer_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoint-6" / "trainer_state.pt", weights_only=False)  # noqa: S614
     assert state["step"] == 6 and "optimizer" in state
     assert not list((tmp_path / "run").glob(".checkpoint-*"))  # no half-written temporaries
 

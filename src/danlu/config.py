@@ -130,6 +130,7 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = opt(False, "recompute activations to save memory")
     log_every: int = opt(1, "log loss and learning rate every N steps")
+    eval_every: int = opt(0, "evaluation loss on the eval split every N steps (0: only at the end)")
     save_every: int = opt(0, "write a checkpoint every N steps (0: only the final adapter)")
     save_total_limit: int = opt(2, "keep only the last K checkpoints")
 
@@ -401,6 +402,7 @@ def validate(cfg: Config) -> None:
         (t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 turns clipping off)"),
         (t.log_every >= 1, "train.log_every must be at least 1"),
         (t.save_every >= 0, "train.save_every must be >= 0"),
+        (t.eval_every >= 0, "train.eval_every must be >= 0"),
         (t.save_total_limit >= 1, "train.save_total_limit must be at least 1"),
         (cfg.lora.r >= 1, "lora.r must be at least 1"),
         (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),

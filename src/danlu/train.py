@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -24,12 +22,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from danlu import checkpoint
 from danlu import model as mdl
-from danlu.config import CONFIG_FILENAME, Config, save_config
+from danlu.config import CONFIG_FILENAME, Config, save_config, to_dict
 from danlu.data.dataset import build, collate, micro_batches
 from danlu.data.render import IGNORE, Sample
 from danlu.data.templates import apply_template
 from danlu.errors import UserError
+from danlu.tracking import Tracker, plot_losses
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,42 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
         )
 
 
+# Settings that may change between an interrupted run and its resume.
+RESUMABLE_CHANGES = {
+    "train.save_every",
+    "train.save_total_limit",
+    "train.log_every",
+    "output.tensorboard",
+    "data.num_proc",
+    "data.cache",
+}
+
+
+def check_resume(out: Path, cfg: Config) -> Path:
+    """The checkpoint to resume from; refuses when the config changed in a way that matters."""
+    import yaml
+
+    if not (out / CONFIG_FILENAME).is_file():
+        raise UserError(f"--resume: {out} holds no danlu run; start one without --resume")
+    found = checkpoint.all_checkpoints(out)
+    if not found:
+        raise UserError(f"--resume: {out} has no checkpoint yet; set train.save_every and start again")
+    saved = yaml.safe_load((out / CONFIG_FILENAME).read_text(encoding="utf-8"))
+    now = json.loads(json.dumps(to_dict(cfg)))
+    changed = [
+        f"{section}.{key}"
+        for section, body in now.items()
+        for key, value in body.items()
+        if saved.get(section, {}).get(key) != value and f"{section}.{key}" not in RESUMABLE_CHANGES
+    ]
+    if changed:
+        raise UserError(
+            f"--resume: the config differs from the run's in {', '.join(changed)}; "
+            "resume with the same config, or start a new output.dir"
+        )
+    return found[-1]
+
+
 def plan_steps(n_samples: int, cfg: Config) -> int:
     """Optimizer steps for the run: max_steps, or epochs over the data."""
     t = cfg.train
@@ -75,11 +111,18 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total: int) ->
     return get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
-def train(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> TrainResult:
-    """Fine-tune ``cfg.model.path`` with LoRA on ``cfg.data``; the adapter lands in OUTPUT/final."""
+def train(
+    cfg: Config, *, overwrite: bool = False, resume: bool = False, progress: bool = True
+) -> TrainResult:
+    """Fine-tune ``cfg.model.path`` with LoRA on ``cfg.data``; the adapter lands in OUTPUT/final.
+
+    ``resume`` continues from the run's latest checkpoint, exactly as if it had not stopped.
+    """
     out = Path(cfg.output.dir).expanduser().resolve()
     # 1) everything a user can get wrong, before anything heavy or anything written
-    check_output_dir(out, overwrite)
+    resume_from = check_resume(out, cfg) if resume else None
+    if not resume:
+        check_output_dir(out, overwrite)
     device, dtype = mdl.pick_device(cfg.train.precision)
     weights_dtype = mdl.DTYPES.get(cfg.model.dtype, dtype)
     ref = mdl.resolve(cfg.model.path)
@@ -102,26 +145,32 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> Tra
     )
     total = plan_steps(len(samples), cfg)
     scheduler = make_scheduler(optimizer, cfg, total)
+    scaler = torch.amp.GradScaler(device) if dtype == torch.float16 else None
 
-    # 3) the output folder, now that nothing above failed
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    save_config(cfg, out / CONFIG_FILENAME)
-    (out / "data_summary.json").write_text(json.dumps(asdict(summary), indent=2, ensure_ascii=False))
+    # 3) the output folder, now that nothing above failed (or the checkpoint to continue from)
+    first = 0
+    if resume_from is not None:
+        first = checkpoint.restore(resume_from, model, optimizer, scheduler, scaler)
+        log.info("resuming from %s (step %d of %d)", resume_from.name, first, total)
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        save_config(cfg, out / CONFIG_FILENAME)
+        (out / "data_summary.json").write_text(json.dumps(asdict(summary), indent=2, ensure_ascii=False))
     n_trainable = sum(p.numel() for p in params)
     log.info("training %d steps on %s (%s), %d trainable parameters", total, device, dtype, n_trainable)
 
     # 4) the loop
     result = TrainResult(out, out / "final", total)
-    logger = _Logger(out, cfg.output.tensorboard)
+    tracker = Tracker(out, cfg.output.tensorboard, start_step=first)
     use_autocast = device == "cuda" and dtype != torch.float32
     autocast = torch.autocast(device, dtype=dtype) if use_autocast else nullcontext()
-    scaler = torch.amp.GradScaler(device) if dtype == torch.float16 else None
-    batches = micro_batches(samples, cfg.train.batch_size, cfg.train.seed)
-    bar = _bar(total, progress)
+    batches = micro_batches(samples, cfg.train.batch_size, cfg.train.seed, skip=first * cfg.train.grad_accum)
+    bar = _bar(total, progress, first)
     start = time.perf_counter()
-    for step in range(1, total + 1):
+    zero_steps = 0
+    for step in range(first + 1, total + 1):
         tic = time.perf_counter()
         micro = [next(batches) for _ in range(cfg.train.grad_accum)]
         n_tokens = sum(len(s.input_ids) for batch in micro for s in batch)
@@ -136,7 +185,17 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> Tra
             (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.item()
         if not math.isfinite(loss_sum):
-            raise UserError(f"loss became {loss_sum} at step {step}; lower train.lr or check the data")
+            kept = checkpoint.all_checkpoints(out)
+            raise UserError(
+                f"loss became {loss_sum} at step {step}; lower train.lr or check the data"
+                + (f" (last good checkpoint: {kept[-1].name}, continue with --resume)" if kept else "")
+            )
+        zero_steps = zero_steps + 1 if loss_sum == 0.0 else 0
+        if zero_steps == 3:
+            log.warning(
+                "loss has been exactly 0 for 3 steps: nothing may be trained; "
+                "check the masks with `danlu data preview`"
+            )
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         if scaler:
             scaler.unscale_(optimizer)
@@ -151,25 +210,29 @@ def train(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> Tra
         tokens_per_s = n_tokens / (time.perf_counter() - tic)
         result.losses.append(loss_sum)
         if step % cfg.train.log_every == 0 or step == total:
-            logger.log(step, loss=loss_sum, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
+            tracker.log(step, loss=loss_sum, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+        every = cfg.train.eval_every
+        if eval_samples and ((every and step % every == 0) or step == total):
+            with autocast:
+                result.eval_loss = evaluate(
+                    model, eval_samples, cfg.train.batch_size, tokenizer.pad_token_id, device
+                )
+            tracker.log(step, eval_loss=result.eval_loss)
+            log.info("step %d: eval loss %.4f on %d samples", step, result.eval_loss, len(eval_samples))
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
-            save_checkpoint(model, optimizer, scheduler, out, step, cfg.train.save_total_limit)
+            checkpoint.save(model, optimizer, scheduler, scaler, out, step, cfg.train.save_total_limit)
     bar.close()
     result.seconds = time.perf_counter() - start
-    if eval_samples:
-        with autocast:
-            result.eval_loss = evaluate(
-                model, eval_samples, cfg.train.batch_size, tokenizer.pad_token_id, device
-            )
-        logger.log(total, eval_loss=result.eval_loss)
-        log.info("eval loss %.4f on %d samples", result.eval_loss, len(eval_samples))
-    logger.close()
+    tracker.close()
+    plot_losses(out)
 
     # 5) the final adapter, in plain PEFT format, with the tokenizer and its chat template
     model.eval()
-    _atomic_dir(result.adapter_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    checkpoint.atomic_dir(
+        result.adapter_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp))
+    )
     log.info(
         "saved adapter to %s (%.1f s, final loss %.4f)", result.adapter_dir, result.seconds, result.losses[-1]
     )
@@ -215,68 +278,7 @@ def _clip(params: list[torch.nn.Parameter], max_norm: float) -> float:
     return float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
 
 
-def _atomic_dir(target: Path, write: Any) -> None:
-    """Write into a temporary sibling folder, then rename: a crash never leaves half a folder."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def save_checkpoint(model: Any, optimizer: Any, scheduler: Any, out: Path, step: int, keep: int) -> Path:
-    """OUTPUT/checkpoint-STEP: the adapter plus optimizer and schedule state; keeps the last ``keep``."""
-    target = out / f"checkpoint-{step}"
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        state = {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-        }
-        torch.save(state, tmp / "trainer_state.pt")
-
-    _atomic_dir(target, write)
-    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in checkpoints[:-keep]:
-        shutil.rmtree(old)
-    return target
-
-
-def _bar(total: int, enabled: bool) -> Any:
+def _bar(total: int, enabled: bool, done: int = 0) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
-
-
-class _Logger:
-    """Metrics to OUTPUT/metrics.jsonl and, when installed and enabled, TensorBoard."""
-
-    def __init__(self, out: Path, tensorboard: bool) -> None:
-        self.file = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(out / "tb"))
-            except ImportError:
-                log.warning("tensorboard is not installed; logging to metrics.jsonl only")
-
-    def log(self, step: int, **metrics: float) -> None:
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
-        if self.writer:
-            for key, value in metrics.items():
-                self.writer.add_scalar(f"train/{key}", value, step)
-
-    def close(self) -> None:
-        self.file.close()
-        if self.writer:
-            self.writer.close()
+    return tqdm(total=total, initial=done, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)

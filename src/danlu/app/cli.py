@@ -43,7 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from danlu.train import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    result = train(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
     print(f"adapter: {result.adapter_dir}")
     print(f"chat with it: danlu chat --adapter {result.adapter_dir}")
     return 0
@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML or JSON config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in output.dir")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in output.dir from its latest checkpoint"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

@@ -267,16 +267,19 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def micro_batches(
-    samples: list[Sample], batch_size: int, seed: int, start_epoch: int = 0
-) -> Iterator[list[Sample]]:
-    """Endless micro-batches, epoch after epoch; the last partial batch of an epoch is kept."""
-    epoch = start_epoch
+def micro_batches(samples: list[Sample], batch_size: int, seed: int, skip: int = 0) -> Iterator[list[Sample]]:
+    """Endless micro-batches, epoch after epoch (the last partial batch of an epoch is kept).
+
+    ``skip`` jumps over that many micro-batches without building them: how a resumed run
+    continues mid-epoch with exactly the batches the interrupted run would have seen.
+    """
+    per_epoch = -(-len(samples) // batch_size)
+    epoch, offset = divmod(skip, per_epoch)
     while True:
         order = epoch_order(len(samples), seed, epoch)
-        for i in range(0, len(order), batch_size):
+        for i in range(offset * batch_size, len(order), batch_size):
             yield [samples[j] for j in order[i : i + batch_size]]
-        epoch += 1
+        epoch, offset = epoch + 1, 0
 
 
 def collate(batch: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
