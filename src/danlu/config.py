@@ -51,6 +51,10 @@ class ModelConfig:
     trust_remote_code: bool = opt(
         False, "allow the model folder's own Python code to run (off unless you trust it)"
     )
+    quantization: Literal["none", "nf4", "fp4", "int8"] = opt(
+        "none", "load the base quantized with bitsandbytes: nf4/fp4 (QLoRA) or int8; the adapter trains in 16/32-bit"
+    )
+    double_quant: bool = opt(True, "4-bit only: quantize the quantization constants too (saves ~0.4 bit/param)")
 
 
 @dataclass

@@ -134,15 +134,43 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_model(ref: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False) -> Any:
-    """Load a causal LM from a resolved reference onto ``device``."""
+def quantization_config(kind: str, compute_dtype: torch.dtype, double_quant: bool = True) -> Any:
+    """A bitsandbytes config for ``kind`` (nf4, fp4, int8), or None for ``none``.
+
+    Checked before anything loads: without bitsandbytes the message says how to get it.
+    """
+    if kind == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"model.quantization={kind} needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=kind,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_model(
+    ref: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False, quantization: Any = None
+) -> Any:
+    """Load a causal LM from a resolved reference onto ``device`` (quantized while loading, if asked)."""
     from transformers import AutoModelForCausalLM
 
+    extra: dict[str, Any] = {}
+    if quantization is not None:  # bitsandbytes quantizes during loading; such a model cannot be moved
+        extra = {"quantization_config": quantization, "device_map": {"": device}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            ref, dtype=dtype, trust_remote_code=trust_remote_code, **extra
+        )
     except OSError as e:
         raise UserError(f"cannot load model {ref}: {str(e).splitlines()[0]}") from None
-    return model.to(device)
+    return model if quantization is not None else model.to(device)
 
 
 def pick_device(precision: str = "auto") -> tuple[str, torch.dtype]:

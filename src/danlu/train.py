@@ -125,6 +125,7 @@ def train(
         check_output_dir(out, overwrite)
     device, dtype = mdl.pick_device(cfg.train.precision)
     weights_dtype = mdl.DTYPES.get(cfg.model.dtype, dtype)
+    quant = mdl.quantization_config(cfg.model.quantization, dtype, cfg.model.double_quant)
     ref = mdl.resolve(cfg.model.path)
     tokenizer = mdl.load_tokenizer(ref, cfg.model.trust_remote_code)
     apply_template(tokenizer, cfg.data.template)
@@ -133,9 +134,16 @@ def train(
 
     # 2) model + adapter, optimizer, schedule
     torch.manual_seed(cfg.train.seed)
-    base = mdl.load_model(ref, weights_dtype, device, cfg.model.trust_remote_code)
-    if cfg.train.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base = mdl.load_model(ref, weights_dtype, device, cfg.model.trust_remote_code, quant)
+    checkpointing = {"use_reentrant": False}
+    if quant is not None:  # QLoRA: norms in fp32, input grads on, checkpointing as configured
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(
+            base, cfg.train.gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
+        )
+    elif cfg.train.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     lora = cfg.lora
     model = mdl.add_lora(base, lora.r, lora.alpha, lora.dropout, lora.target_modules, cfg.train.seed)
     model.train()  # from_pretrained returns eval mode: no dropout, and checkpointing would not act
