@@ -440,3 +440,8 @@ def test_tmp_cwd_is_untouched(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     load_config(None, ["output.dir=out/x"])
     assert os.listdir(tmp_path) == []
+
+
+def test_override_that_is_not_yaml_is_taken_as_text():
+    cfg = load_config(None, ["data.system=[unbalanced: {"])
+    assert cfg.data.system == "[unbalanced: {"

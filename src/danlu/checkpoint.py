@@ -1,6 +1,7 @@
 """Checkpoints: written atomically, found again, and restored for an exact resume.
 
-``OUTPUT/checkpoint-STEP`` holds the adapter (standard PEFT files) and ``trainer_state.pt``:
+``OUTPUT/checkpoint-STEP`` holds the adapter (standard PEFT files; for full and freeze tuning,
+the trainable parameters in ``trainable.pt``) and ``trainer_state.pt``:
 optimizer, schedule, gradient scaler, step and every random-number generator's state. The
 data order is a pure function of (seed, epoch), so a resumed run skips the micro-batches it
 has seen and continues exactly where the checkpoint left off, dropout masks included.
@@ -21,6 +22,11 @@ import torch
 
 PREFIX = "checkpoint-"
 STATE = "trainer_state.pt"
+TRAINABLE = "trainable.pt"
+
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config")
 
 
 def atomic_dir(target: Path, write: Callable[[Path], Any]) -> None:
@@ -62,7 +68,12 @@ def save(model: Any, optimizer: Any, scheduler: Any, scaler: Any, out: Path, ste
     target = out / f"{PREFIX}{step}"
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        if _is_peft(model):
+            model.save_pretrained(tmp)
+        else:  # full/freeze: only what trains; tied weights are fine in torch.save
+            torch.save(
+                {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, tmp / TRAINABLE
+            )
         state = {
             "step": step,
             "optimizer": optimizer.state_dict(),
@@ -80,11 +91,20 @@ def save(model: Any, optimizer: Any, scheduler: Any, scaler: Any, out: Path, ste
 
 def restore(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> int:
     """Load a checkpoint into the live objects; returns the step it was taken after."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+    device = next(model.parameters()).device
+    if _is_peft(model):
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
 
-    weights = load_file(str(path / "adapter_model.safetensors"), device=str(next(model.parameters()).device))
-    set_peft_model_state_dict(model, weights)
+        set_peft_model_state_dict(
+            model, load_file(str(path / "adapter_model.safetensors"), device=str(device))
+        )
+    else:
+        saved = torch.load(path / TRAINABLE, map_location=device)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
     state = torch.load(path / STATE, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

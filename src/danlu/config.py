@@ -52,9 +52,12 @@ class ModelConfig:
         False, "allow the model folder's own Python code to run (off unless you trust it)"
     )
     quantization: Literal["none", "nf4", "fp4", "int8"] = opt(
-        "none", "load the base quantized with bitsandbytes: nf4/fp4 (QLoRA) or int8; the adapter trains in 16/32-bit"
+        "none",
+        "load the base quantized with bitsandbytes: nf4/fp4 (QLoRA) or int8; the adapter trains in 16/32-bit",
     )
-    double_quant: bool = opt(True, "4-bit only: quantize the quantization constants too (saves ~0.4 bit/param)")
+    double_quant: bool = opt(
+        True, "4-bit only: quantize the quantization constants too (saves ~0.4 bit/param)"
+    )
 
 
 @dataclass
@@ -110,12 +113,27 @@ class LoraConfig:
     target_modules: list[str] = opt(
         ["all-linear"], "modules to adapt: ['all-linear'] or names such as [q_proj, v_proj]"
     )
+    use_dora: bool = opt(False, "DoRA: learn each weight's magnitude apart from its direction")
+    use_rslora: bool = opt(
+        False, "rsLoRA: scale by alpha / sqrt(r) instead of alpha / r (stabler at high rank)"
+    )
 
 
 @dataclass
 class TrainConfig:
     """The optimisation loop."""
 
+    method: Literal["lora", "full", "freeze"] = opt(
+        "lora", "what trains: a LoRA adapter, every weight (full), or only the last layers (freeze)"
+    )
+    freeze_layers: int = opt(2, "method freeze: train the last N decoder layers")
+    freeze_modules: list[str] = opt(
+        [], "method freeze: only parameters whose name contains one of these, e.g. [mlp]; empty: whole layers"
+    )
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "sgd"] = opt(
+        "adamw",
+        "adamw (torch, fused on CUDA); 8-bit and paged variants from bitsandbytes; sgd (momentum 0.9)",
+    )
     epochs: float = opt(3.0, "passes over the data (ignored when max_steps is set)")
     max_steps: int | None = opt(None, "stop after this many optimizer steps; overrides epochs")
     batch_size: int = opt(4, "samples per micro-batch")
@@ -134,6 +152,10 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = opt(False, "recompute activations to save memory")
     log_every: int = opt(1, "log loss and learning rate every N steps")
+    eval_prompts: list[str] = opt(
+        [], "questions answered (greedy) at step 0 by the base and every sample_every steps"
+    )
+    sample_every: int = opt(0, "answer train.eval_prompts every N steps (0: at the start and the end only)")
     eval_every: int = opt(0, "evaluation loss on the eval split every N steps (0: only at the end)")
     save_every: int = opt(0, "write a checkpoint every N steps (0: only the final adapter)")
     save_total_limit: int = opt(2, "keep only the last K checkpoints")
@@ -145,6 +167,7 @@ class OutputConfig:
 
     dir: str = opt("out/run", "output folder: config, logs, checkpoints, final adapter")
     tensorboard: bool = opt(True, "write TensorBoard logs to OUTPUT/tb")
+    report_to: list[str] = opt([], "also log to these when installed: wandb, mlflow")
 
 
 @dataclass
@@ -178,7 +201,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if "=" not in item:
             raise UserError(f"command line: override '{item}' must look like key=value, e.g. train.lr=1e-4")
         dotted, text = item.split("=", 1)
-        value = yaml.safe_load(text) if text.strip() else ""
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:  # not YAML (e.g. "[Who are you?, x]"): take it as plain text
+            value = text
         _assign(cfg, dotted.strip(), value, where="command line", base=None)
     validate(cfg)
     return cfg
@@ -407,6 +433,16 @@ def validate(cfg: Config) -> None:
         (t.log_every >= 1, "train.log_every must be at least 1"),
         (t.save_every >= 0, "train.save_every must be >= 0"),
         (t.eval_every >= 0, "train.eval_every must be >= 0"),
+        (t.sample_every >= 0, "train.sample_every must be >= 0"),
+        (t.freeze_layers >= 1, "train.freeze_layers must be at least 1"),
+        (
+            all(r in ("wandb", "mlflow") for r in cfg.output.report_to),
+            "output.report_to takes wandb and/or mlflow",
+        ),
+        (
+            t.method == "lora" or cfg.model.quantization == "none",
+            f"model.quantization={cfg.model.quantization} needs train.method=lora (QLoRA); full and freeze train 16/32-bit weights",
+        ),
         (t.save_total_limit >= 1, "train.save_total_limit must be at least 1"),
         (cfg.lora.r >= 1, "lora.r must be at least 1"),
         (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),

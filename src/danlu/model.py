@@ -200,13 +200,28 @@ def stop_token_ids(tokenizer: Any, model: Any | None = None) -> set[int]:
     return ids
 
 
-def add_lora(model: Any, r: int, alpha: float, dropout: float, target_modules: list[str], seed: int) -> Any:
-    """Wrap ``model`` with a fresh trainable LoRA adapter (peft)."""
+def add_lora(
+    model: Any,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str],
+    seed: int,
+    use_dora: bool = False,
+    use_rslora: bool = False,
+) -> Any:
+    """Wrap ``model`` with a fresh trainable LoRA adapter (peft), optionally DoRA and/or rsLoRA."""
     from peft import LoraConfig, get_peft_model
 
     targets: str | list[str] = "all-linear" if target_modules == ["all-linear"] else target_modules
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        use_dora=use_dora,
+        use_rslora=use_rslora,
     )
     torch.manual_seed(seed)
     try:

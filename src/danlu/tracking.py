@@ -1,10 +1,18 @@
-"""Run metrics: a JSON Lines log, TensorBoard when installed, and a loss-curve PNG at the end."""
+"""Run metrics: a JSON Lines log, TensorBoard, optionally wandb/mlflow, and a loss-curve PNG.
+
+None of the cloud loggers is required: ``output.report_to`` names the ones to use, and a named
+one that is not installed is a one-line error before training starts.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
+from typing import Any
+
+from danlu.errors import UserError
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -17,7 +25,14 @@ class Tracker:
     are dropped so the log reads as one uninterrupted run.
     """
 
-    def __init__(self, out: Path, tensorboard: bool, start_step: int = 0) -> None:
+    def __init__(
+        self,
+        out: Path,
+        tensorboard: bool,
+        start_step: int = 0,
+        report_to: list[str] = (),
+        config: dict | None = None,
+    ) -> None:
         path = out / METRICS
         if start_step and path.exists():
             kept = [
@@ -37,6 +52,17 @@ class Tracker:
                 )
             except ImportError:
                 log.warning("tensorboard is not installed; logging to %s only", METRICS)
+        self.wandb = self.mlflow = None
+        if "wandb" in report_to:
+            import wandb
+
+            self.wandb = wandb.init(project="danlu", name=out.name, config=config, resume="allow")
+        if "mlflow" in report_to:
+            import mlflow
+
+            mlflow.start_run(run_name=out.name)
+            mlflow.log_params({k: str(v) for k, v in _flat(config or {}).items()})
+            self.mlflow = mlflow
 
     def log(self, step: int, **metrics: float) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -44,11 +70,46 @@ class Tracker:
         if self.writer:
             for key, value in metrics.items():
                 self.writer.add_scalar(f"train/{key}", value, step)
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+        if self.mlflow:
+            self.mlflow.log_metrics(metrics, step=step)
+
+    def log_samples(self, step: int, samples: list[dict[str, str]]) -> None:
+        """Generated answers (``{"prompt", "answer"}``) at ``step``."""
+        self.file.write(json.dumps({"step": step, "samples": samples}, ensure_ascii=False) + "\n")
+        self.file.flush()
+        text = "\n\n".join(f"**{s['prompt']}**\n\n{s['answer']}" for s in samples)
+        if self.writer:
+            self.writer.add_text("samples", text, step)
+        if self.wandb:
+            self.wandb.log({"samples": text}, step=step)
 
     def close(self) -> None:
         self.file.close()
         if self.writer:
             self.writer.close()
+        if self.wandb:
+            self.wandb.finish()
+        if self.mlflow:
+            self.mlflow.end_run()
+
+
+def check_report_to(report_to: list[str]) -> None:
+    """Fail early, naming the package, when a requested logger is not installed."""
+    for name in report_to:
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f"output.report_to includes {name}, which is not installed: pip install {name}")
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def plot_losses(out: Path) -> Path | None:
@@ -61,7 +122,7 @@ def plot_losses(out: Path) -> Path | None:
     rows = [
         json.loads(line) for line in (out / METRICS).read_text(encoding="utf-8").splitlines() if line.strip()
     ]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]  # sample rows carry no loss
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     if not train:
         return None

@@ -29,7 +29,8 @@ from danlu.data.dataset import build, collate, micro_batches
 from danlu.data.render import IGNORE, Sample
 from danlu.data.templates import apply_template
 from danlu.errors import UserError
-from danlu.tracking import Tracker, plot_losses
+from danlu.methods import make_optimizer, make_trainable
+from danlu.tracking import Tracker, check_report_to, plot_losses
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +122,13 @@ def train(
     out = Path(cfg.output.dir).expanduser().resolve()
     # 1) everything a user can get wrong, before anything heavy or anything written
     resume_from = check_resume(out, cfg) if resume else None
+    check_report_to(cfg.output.report_to)
     if not resume:
         check_output_dir(out, overwrite)
     device, dtype = mdl.pick_device(cfg.train.precision)
-    weights_dtype = mdl.DTYPES.get(cfg.model.dtype, dtype)
+    # LoRA keeps the frozen base in the compute dtype; full and freeze tuning keep fp32 master weights
+    default_weights = dtype if cfg.train.method == "lora" else torch.float32
+    weights_dtype = mdl.DTYPES.get(cfg.model.dtype, default_weights)
     quant = mdl.quantization_config(cfg.model.quantization, dtype, cfg.model.double_quant)
     ref = mdl.resolve(cfg.model.path)
     tokenizer = mdl.load_tokenizer(ref, cfg.model.trust_remote_code)
@@ -144,13 +148,10 @@ def train(
         )
     elif cfg.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-    lora = cfg.lora
-    model = mdl.add_lora(base, lora.r, lora.alpha, lora.dropout, lora.target_modules, cfg.train.seed)
+    model = make_trainable(base, cfg)
     model.train()  # from_pretrained returns eval mode: no dropout, and checkpointing would not act
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=device == "cuda"
-    )
+    optimizer = make_optimizer(params, cfg, device)
     total = plan_steps(len(samples), cfg)
     scheduler = make_scheduler(optimizer, cfg, total)
     scaler = torch.amp.GradScaler(device) if dtype == torch.float16 else None
@@ -171,7 +172,19 @@ def train(
 
     # 4) the loop
     result = TrainResult(out, out / "final", total)
-    tracker = Tracker(out, cfg.output.tensorboard, start_step=first)
+    tracker = Tracker(out, cfg.output.tensorboard, first, cfg.output.report_to, to_dict(cfg))
+    stop_ids = sorted(mdl.stop_token_ids(tokenizer, base))
+    prompts = cfg.train.eval_prompts
+
+    def samples_at(step: int, use_adapter: bool = True) -> None:
+        answers = sample_answers(model, tokenizer, prompts, stop_ids, device, use_adapter)
+        tracker.log_samples(step, [{"prompt": q, "answer": a} for q, a in zip(prompts, answers, strict=True)])
+        who = "base" if not use_adapter else f"step {step}"
+        for q, a in zip(prompts, answers, strict=True):
+            log.info("[%s] %s → %s", who, q, " ".join(a.split())[:200])
+
+    if prompts and not first:
+        samples_at(0, use_adapter=False)  # the base model's answers, once, for comparison
     use_autocast = device == "cuda" and dtype != torch.float32
     autocast = torch.autocast(device, dtype=dtype) if use_autocast else nullcontext()
     batches = micro_batches(samples, cfg.train.batch_size, cfg.train.seed, skip=first * cfg.train.grad_accum)
@@ -229,6 +242,8 @@ def train(
                 )
             tracker.log(step, eval_loss=result.eval_loss)
             log.info("step %d: eval loss %.4f on %d samples", step, result.eval_loss, len(eval_samples))
+        if prompts and ((cfg.train.sample_every and step % cfg.train.sample_every == 0) or step == total):
+            samples_at(step)
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
             checkpoint.save(model, optimizer, scheduler, scaler, out, step, cfg.train.save_total_limit)
     bar.close()
@@ -236,13 +251,17 @@ def train(
     tracker.close()
     plot_losses(out)
 
-    # 5) the final adapter, in plain PEFT format, with the tokenizer and its chat template
+    # 5) the final adapter (plain PEFT format) or model, with the tokenizer and its chat template
     model.eval()
     checkpoint.atomic_dir(
         result.adapter_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp))
     )
     log.info(
-        "saved adapter to %s (%.1f s, final loss %.4f)", result.adapter_dir, result.seconds, result.losses[-1]
+        "saved %s to %s (%.1f s, final loss %.4f)",
+        "adapter" if cfg.train.method == "lora" else "model",
+        result.adapter_dir,
+        result.seconds,
+        result.losses[-1],
     )
     return result
 
@@ -271,6 +290,42 @@ def evaluate(model: Any, samples: list[Sample], batch_size: int, pad_id: int, de
         count += int((b["labels"][:, 1:] != IGNORE).sum())
     model.train(was_training)
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def sample_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    stop_ids: list[int],
+    device: str,
+    use_adapter: bool = True,
+    max_new_tokens: int = 64,
+) -> list[str]:
+    """Greedy answers to ``prompts`` through the chat template (XTuner's EvaluateChatHook, in-loop)."""
+    was_training = model.training
+    model.eval()
+    context = (
+        model.disable_adapter() if not use_adapter and hasattr(model, "disable_adapter") else nullcontext()
+    )
+    answers = []
+    with context:
+        for prompt in prompts:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return answers
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,115 @@
+"""Training methods (LoRA variants, full, freeze), optimizers, sample generations, loggers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import write_jsonl
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from danlu import tracking
+from danlu.config import load_config
+from danlu.errors import UserError
+from danlu.train import train
+
+RECORDS = [{"instruction": f"Question {i}?", "input": "", "output": f"Answer {i}, says Danlu."} for i in range(6)]
+
+
+def cfg(tiny_model_dir, tmp_path, *extra, name="run"):
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS)
+    return load_config(None, [
+        f"model.path={tiny_model_dir}", f"data.path={data}", "data.cache=false", f"output.dir={tmp_path / name}",
+        "output.tensorboard=false", "lora.r=4", "lora.alpha=8", "lora.dropout=0", "train.batch_size=6",
+        "train.scheduler=constant", *extra,
+    ])
+
+
+def changed(before: dict, after: AutoModelForCausalLM) -> set[str]:
+    now = dict(after.named_parameters())
+    return {n for n, p in before.items() if not torch.equal(p, now[n].detach())}
+
+
+def test_full_fine_tuning_changes_every_weight_and_saves_a_model(tiny_model_dir, tmp_path):
+    result = train(cfg(tiny_model_dir, tmp_path, "train.method=full", "train.max_steps=4", "train.lr=1e-3"),
+                   progress=False)
+    assert result.losses[-1] < result.losses[0]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    tuned = AutoModelForCausalLM.from_pretrained(result.adapter_dir)  # a whole model, plain transformers
+    assert changed(before, tuned) == set(before)
+    assert not (result.adapter_dir / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize(("modules", "expect"), [([], "layers.1."), (["mlp"], "layers.1.mlp.")])
+def test_freeze_trains_only_the_last_layers(tiny_model_dir, tmp_path, modules, expect):
+    extra = ["train.method=freeze", "train.freeze_layers=1", "train.max_steps=3", "train.lr=1e-2"]
+    if modules:
+        extra.append(f"train.freeze_modules=[{','.join(modules)}]")
+    result = train(cfg(tiny_model_dir, tmp_path, *extra), progress=False)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    moved = changed(before, AutoModelForCausalLM.from_pretrained(result.adapter_dir))
+    assert moved and all(expect in n for n in moved)
+    trainable = [n for n in before if expect in n and (not modules or "mlp" in n)]
+    assert moved == set(trainable)
+
+
+def test_freeze_tuning_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
+    extra = ("train.method=freeze", "train.freeze_layers=1", "train.max_steps=6", "train.lr=1e-2",
+             "train.batch_size=2", "train.save_every=2")
+    straight = train(cfg(tiny_model_dir, tmp_path, *extra, name="a"), progress=False)
+    real_log = tracking.Tracker.log
+
+    def crash_at_5(self, step, **metrics):
+        if step == 5:
+            raise KeyboardInterrupt  # dies after checkpoint-4, before step 5 is recorded
+        real_log(self, step, **metrics)
+
+    monkeypatch.setattr(tracking.Tracker, "log", crash_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(tiny_model_dir, tmp_path, *extra, name="b"), progress=False)
+    monkeypatch.setattr(tracking.Tracker, "log", real_log)
+    resumed = train(cfg(tiny_model_dir, tmp_path, *extra, name="b"), resume=True, progress=False)
+    assert resumed.losses == pytest.approx(straight.losses[4:], abs=1e-5)
+    a = load_file(straight.adapter_dir / "model.safetensors")
+    b = load_file(resumed.adapter_dir / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("flag", ["use_dora", "use_rslora"])
+def test_lora_variants_are_recorded_in_the_adapter(tiny_model_dir, tmp_path, flag):
+    result = train(cfg(tiny_model_dir, tmp_path, f"lora.{flag}=true", "train.max_steps=2"), progress=False)
+    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert saved[flag] is True
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw_8bit"])
+def test_other_optimizers_train(tiny_model_dir, tmp_path, optimizer):
+    if optimizer != "sgd":
+        pytest.importorskip("bitsandbytes")
+    result = train(cfg(tiny_model_dir, tmp_path, f"train.optimizer={optimizer}", "train.max_steps=8",
+                       "train.lr=5e-2"), progress=False)
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_eval_prompts_record_base_answers_then_tuned_answers(tiny_model_dir, tmp_path):
+    result = train(cfg(tiny_model_dir, tmp_path, "train.max_steps=4", "train.sample_every=2",
+                       'train.eval_prompts=["Who are you?", "你是谁？"]'), progress=False)
+    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    samples = [r for r in rows if "samples" in r]
+    assert [r["step"] for r in samples] == [0, 2, 4]
+    assert [s["prompt"] for s in samples[0]["samples"]] == ["Who are you?", "你是谁？"]
+    assert all(isinstance(s["answer"], str) for r in samples for s in r["samples"])
+
+
+def test_quantization_needs_lora_and_unknown_loggers_are_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="needs train.method=lora"):
+        cfg(tiny_model_dir, tmp_path, "train.method=full", "model.quantization=nf4")
+    with pytest.raises(UserError, match="report_to"):
+        cfg(tiny_model_dir, tmp_path, "output.report_to=[tensorboardx]")
+    with pytest.raises(UserError, match="pip install wandb"):
+        train(cfg(tiny_model_dir, tmp_path, "output.report_to=[wandb]"), progress=False)
