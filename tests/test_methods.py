@@ -6,25 +6,38 @@ import json
 
 import pytest
 import torch
-from conftest import write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from conftest import write_jsonl
 from danlu import tracking
 from danlu.config import load_config
 from danlu.errors import UserError
 from danlu.train import train
 
-RECORDS = [{"instruction": f"Question {i}?", "input": "", "output": f"Answer {i}, says Danlu."} for i in range(6)]
+RECORDS = [
+    {"instruction": f"Question {i}?", "input": "", "output": f"Answer {i}, says Danlu."} for i in range(6)
+]
 
 
 def cfg(tiny_model_dir, tmp_path, *extra, name="run"):
     data = write_jsonl(tmp_path / "d.jsonl", RECORDS)
-    return load_config(None, [
-        f"model.path={tiny_model_dir}", f"data.path={data}", "data.cache=false", f"output.dir={tmp_path / name}",
-        "output.tensorboard=false", "lora.r=4", "lora.alpha=8", "lora.dropout=0", "train.batch_size=6",
-        "train.scheduler=constant", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.path={tiny_model_dir}",
+            f"data.path={data}",
+            "data.cache=false",
+            f"output.dir={tmp_path / name}",
+            "output.tensorboard=false",
+            "lora.r=4",
+            "lora.alpha=8",
+            "lora.dropout=0",
+            "train.batch_size=6",
+            "train.scheduler=constant",
+            *extra,
+        ],
+    )
 
 
 def changed(before: dict, after: AutoModelForCausalLM) -> set[str]:
@@ -33,8 +46,10 @@ def changed(before: dict, after: AutoModelForCausalLM) -> set[str]:
 
 
 def test_full_fine_tuning_changes_every_weight_and_saves_a_model(tiny_model_dir, tmp_path):
-    result = train(cfg(tiny_model_dir, tmp_path, "train.method=full", "train.max_steps=4", "train.lr=1e-3"),
-                   progress=False)
+    result = train(
+        cfg(tiny_model_dir, tmp_path, "train.method=full", "train.max_steps=4", "train.lr=1e-3"),
+        progress=False,
+    )
     assert result.losses[-1] < result.losses[0]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
@@ -58,8 +73,14 @@ def test_freeze_trains_only_the_last_layers(tiny_model_dir, tmp_path, modules, e
 
 
 def test_freeze_tuning_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
-    extra = ("train.method=freeze", "train.freeze_layers=1", "train.max_steps=6", "train.lr=1e-2",
-             "train.batch_size=2", "train.save_every=2")
+    extra = (
+        "train.method=freeze",
+        "train.freeze_layers=1",
+        "train.max_steps=6",
+        "train.lr=1e-2",
+        "train.batch_size=2",
+        "train.save_every=2",
+    )
     straight = train(cfg(tiny_model_dir, tmp_path, *extra, name="a"), progress=False)
     real_log = tracking.Tracker.log
 
@@ -91,14 +112,24 @@ def test_lora_variants_are_recorded_in_the_adapter(tiny_model_dir, tmp_path, fla
 def test_other_optimizers_train(tiny_model_dir, tmp_path, optimizer):
     if optimizer != "sgd":
         pytest.importorskip("bitsandbytes")
-    result = train(cfg(tiny_model_dir, tmp_path, f"train.optimizer={optimizer}", "train.max_steps=8",
-                       "train.lr=5e-2"), progress=False)
+    result = train(
+        cfg(tiny_model_dir, tmp_path, f"train.optimizer={optimizer}", "train.max_steps=8", "train.lr=5e-2"),
+        progress=False,
+    )
     assert result.losses[-1] < result.losses[0]
 
 
 def test_eval_prompts_record_base_answers_then_tuned_answers(tiny_model_dir, tmp_path):
-    result = train(cfg(tiny_model_dir, tmp_path, "train.max_steps=4", "train.sample_every=2",
-                       'train.eval_prompts=["Who are you?", "你是谁？"]'), progress=False)
+    result = train(
+        cfg(
+            tiny_model_dir,
+            tmp_path,
+            "train.max_steps=4",
+            "train.sample_every=2",
+            'train.eval_prompts=["Who are you?", "你是谁？"]',
+        ),
+        progress=False,
+    )
     rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     samples = [r for r in rows if "samples" in r]
     assert [r["step"] for r in samples] == [0, 2, 4]

@@ -12,15 +12,17 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import write_jsonl
 from safetensors.torch import load_file
 
+from conftest import write_jsonl
 from danlu.checkpoint import all_checkpoints
 from danlu.config import load_config
 from danlu.errors import UserError
 from danlu.train import train
 
-RECORDS = [{"instruction": f"Question {i}?", "input": "", "output": f"Answer {i}, says Danlu."} for i in range(7)]
+RECORDS = [
+    {"instruction": f"Question {i}?", "input": "", "output": f"Answer {i}, says Danlu."} for i in range(7)
+]
 
 
 def write_config(path, tiny_model_dir, data, out, steps=60):
@@ -28,8 +30,16 @@ def write_config(path, tiny_model_dir, data, out, steps=60):
         "model": {"path": str(tiny_model_dir)},
         "data": {"path": str(data), "cache": False},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.1},  # dropout: the RNG state must be restored too
-        "train": {"max_steps": steps, "batch_size": 2, "grad_accum": 2, "lr": 1e-2, "scheduler": "cosine",
-                  "warmup_steps": 2, "save_every": 2, "save_total_limit": 3},
+        "train": {
+            "max_steps": steps,
+            "batch_size": 2,
+            "grad_accum": 2,
+            "lr": 1e-2,
+            "scheduler": "cosine",
+            "warmup_steps": 2,
+            "save_every": 2,
+            "save_total_limit": 3,
+        },
         "output": {"dir": str(out), "tensorboard": False},
     }
     path.write_text(yaml.safe_dump(cfg))
@@ -43,13 +53,18 @@ def losses(out) -> dict[int, float]:
 
 def test_killed_and_resumed_run_matches_uninterrupted(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", RECORDS)
-    straight = train(load_config(write_config(tmp_path / "a.yaml", tiny_model_dir, data, tmp_path / "a")),
-                     progress=False)
+    straight = train(
+        load_config(write_config(tmp_path / "a.yaml", tiny_model_dir, data, tmp_path / "a")), progress=False
+    )
 
     cfg_path = write_config(tmp_path / "b.yaml", tiny_model_dir, data, tmp_path / "b")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "danlu", "train", str(cfg_path), "--no-progress"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "danlu", "train", str(cfg_path), "--no-progress"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not all_checkpoints(tmp_path / "b") and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -82,7 +97,13 @@ def test_resume_refuses_a_changed_config_or_a_missing_checkpoint(tiny_model_dir,
     with pytest.raises(UserError, match="differs from the run's in train.lr"):
         train(changed, resume=True, progress=False)
     cfg.train.save_every = 0
-    train(load_config(tmp_path / "a.yaml", ["train.save_every=0", f"output.dir={tmp_path / 'c'}"]), progress=False)
+    train(
+        load_config(tmp_path / "a.yaml", ["train.save_every=0", f"output.dir={tmp_path / 'c'}"]),
+        progress=False,
+    )
     with pytest.raises(UserError, match="no checkpoint yet"):
-        train(load_config(tmp_path / "a.yaml", ["train.save_every=0", f"output.dir={tmp_path / 'c'}"]),
-              resume=True, progress=False)
+        train(
+            load_config(tmp_path / "a.yaml", ["train.save_every=0", f"output.dir={tmp_path / 'c'}"]),
+            resume=True,
+            progress=False,
+        )

@@ -196,11 +196,21 @@ def test_overwrite_replaces_a_previous_run(tiny_model_dir, data, tmp_path):
 def test_quantized_base_trains_an_adapter_that_loads_on_the_plain_base(tiny_model_dir, data, tmp_path, kind):
     """QLoRA (nf4) and 8-bit run on the CPU with bitsandbytes >= 0.45; the adapter is ordinary PEFT."""
     pytest.importorskip("bitsandbytes")
-    cfg = make_config(tiny_model_dir, data, tmp_path / "run", f"model.quantization={kind}", "train.max_steps=15",
-                      "train.lr=5e-2", "train.batch_size=6", "train.scheduler=constant")
+    cfg = make_config(
+        tiny_model_dir,
+        data,
+        tmp_path / "run",
+        f"model.quantization={kind}",
+        "train.max_steps=15",
+        "train.lr=5e-2",
+        "train.batch_size=6",
+        "train.scheduler=constant",
+    )
     result = train(cfg, progress=False)
     assert result.losses[-1] < 0.8 * result.losses[0]
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.adapter_dir)
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.adapter_dir
+    )
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     ids = torch.tensor([[1, 2, 3, 4]])
     assert not torch.allclose(base(ids).logits, tuned(ids).logits)
@@ -213,6 +223,8 @@ def test_quantization_without_bitsandbytes_says_how_to_get_it(monkeypatch):
     from danlu.model import quantization_config
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     with pytest.raises(UserError, match="pip install bitsandbytes"):
         quantization_config("nf4", torch.float32)

@@ -14,6 +14,10 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from danlu.app.data_cli import add_data_parser
+from danlu.app.export_cli import add_export_parser
+from danlu.app.plan_cli import add_plan_parser
+from danlu.app.server import add_parsers as add_serve_parsers
 from danlu.errors import UserError
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs"
@@ -209,9 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("env", help="show python, torch, GPU and library versions, and what is missing")
     p.set_defaults(func=cmd_env)
 
-    from danlu.app.data_cli import add_data_parser
-
     add_data_parser(sub)
+    add_plan_parser(sub)
+    add_export_parser(sub)  # merge, export gguf
+    add_serve_parsers(sub)  # serve, web
     return parser
 
 

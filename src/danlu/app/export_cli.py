@@ -1,0 +1,80 @@
+"""``danlu merge`` and ``danlu export gguf``: thin verbs over :mod:`danlu.export`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from danlu.app.chat import base_of_adapter
+    from danlu.config import DEFAULT_MODEL
+    from danlu.errors import UserError
+    from danlu.export import merge
+    from danlu.model import DTYPES
+
+    if not Path(args.adapter).is_dir():
+        raise UserError(f"--adapter {args.adapter}: no such folder; point it at OUTPUT/final of a run")
+    base = args.model or base_of_adapter(args.adapter) or DEFAULT_MODEL
+    result = merge(
+        args.adapter,
+        base,
+        args.out,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        max_shard_size=args.max_shard_size,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    shards = [f for f in result.files if f.endswith(".safetensors")]
+    print(f"merged model: {result.out} ({len(shards)} safetensors file(s))")
+    print(f"chat with it: danlu chat --model {result.out}")
+    print(f"convert for llama.cpp: danlu export gguf --model {result.out} --out {result.out.name}.gguf")
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from danlu.export import export_gguf
+
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its per-file chatter
+    result = export_gguf(args.model, args.out, qtype=args.type, overwrite=args.overwrite)
+    size = result.bytes / 2**20
+    print(f"wrote {result.path} ({result.arch}, {result.qtype}, {result.tensors} tensors, {size:.1f} MiB)")
+    print(f"run it: llama-cli -m {result.path} -cnv")
+    return 0
+
+
+def add_export_parser(sub: Any) -> None:
+    """Register ``merge`` and ``export`` on the top-level subparsers."""
+    p = sub.add_parser(
+        "merge",
+        help="merge a LoRA adapter into its base model and write a plain model folder",
+        description="Merge a LoRA adapter into its base (loaded unquantized), check that the merged "
+        "model's logits match base + adapter, and write sharded safetensors, the tokenizer with its "
+        "chat template, generation_config.json and a model card.",
+    )
+    p.add_argument("--adapter", required=True, help="LoRA adapter folder, e.g. out/identity/final")
+    p.add_argument("--model", default=None, help="base model (default: the base the adapter was trained on)")
+    p.add_argument("--out", required=True, help="output folder for the merged model")
+    p.add_argument(
+        "--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="weight dtype (default: the base's)"
+    )
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to merge")
+    p.add_argument("--overwrite", action="store_true", help="replace a model folder already at --out")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="convert a model folder for other runtimes (GGUF for llama.cpp)")
+    esub = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    g = esub.add_parser(
+        "gguf",
+        help="write one GGUF file (Llama family, Qwen2) for llama.cpp, Ollama, LM Studio",
+        description="Convert a Hugging Face model folder (e.g. the output of danlu merge) into one GGUF "
+        "file with its tokenizer and chat template.",
+    )
+    g.add_argument("--model", required=True, help="model folder with config.json and safetensors")
+    g.add_argument("--out", required=True, help="output file, e.g. model.gguf")
+    g.add_argument("--type", default="f16", choices=["f16", "q8_0"], help="weight type (default f16)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    g.set_defaults(func=cmd_export_gguf)

@@ -1,0 +1,138 @@
+"""`danlu web`: a Gradio chat page over :class:`danlu.infer.Engine`.
+
+Streamed replies, multi-turn history, a system-prompt box, sampling sliders, and the loaded
+model and adapter named at the top. Binds 127.0.0.1 and stays off Gradio's share tunnel
+unless ``--share`` is given. gradio is imported inside functions so ``danlu --help`` works
+without the ``web`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from danlu.errors import UserError
+
+if TYPE_CHECKING:
+    from danlu.infer import Engine, GenerationSettings
+
+# system fonts only: the default theme fetches Google Fonts, which offline machines cannot reach
+FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
+MONO = ["ui-monospace", "monospace"]
+
+
+def _text(content: Any) -> str:
+    """Gradio history content (a string, or a list of content parts) as plain text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, list | tuple):
+        return "".join(_text(part) for part in content)
+    return ""
+
+
+def to_messages(message: str, history: list[dict], system: str) -> list[dict]:
+    """The conversation as the engine takes it: optional system prompt, past turns, new message."""
+    messages = [{"role": "system", "content": system.strip()}] if system.strip() else []
+    for turn in history:
+        if turn.get("role") in ("user", "assistant"):
+            messages.append({"role": turn["role"], "content": _text(turn.get("content"))})
+    messages.append({"role": "user", "content": message})
+    return messages
+
+
+def build_demo(engine: Engine, defaults: GenerationSettings, label: str) -> Any:
+    """The Gradio app: a ChatInterface with the system prompt and sliders as extra inputs."""
+    import gradio as gr
+
+    def respond(
+        message: str, history: list[dict], system: str, temperature: float, top_p: float, max_new: int
+    ) -> Iterator[str]:
+        settings = replace(defaults, temperature=temperature, top_p=top_p, max_new_tokens=int(max_new))
+        text = ""
+        for piece in engine.stream(to_messages(message, history, system), settings):
+            text += piece
+            yield text
+
+    with gr.Blocks(title="丹炉 danlu", analytics_enabled=False) as demo:
+        gr.Markdown(f"## danlu chat\n**model:** `{label}`")
+        system = gr.Textbox(
+            label="System prompt", placeholder="optional; applies to the next message", lines=2
+        )
+        with gr.Accordion("Sampling", open=False):
+            temperature = gr.Slider(
+                0, 2, value=defaults.temperature, step=0.05, label="Temperature (0 = greedy)"
+            )
+            top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p")
+            max_new = gr.Slider(1, 2048, value=defaults.max_new_tokens, step=1, label="Max new tokens")
+        gr.ChatInterface(
+            respond,
+            chatbot=gr.Chatbot(label="Chat", height=420),
+            textbox=gr.Textbox(
+                placeholder="Type a message and press Enter", show_label=False, elem_id="message"
+            ),
+            additional_inputs=[system, temperature, top_p, max_new],
+            fill_height=False,
+        )
+    return demo
+
+
+def run_web(args: argparse.Namespace) -> int:
+    try:
+        import gradio as gr
+    except ImportError:
+        raise UserError("danlu web needs gradio: pip install 'danlu[web]'") from None
+    from danlu.app.chat import base_of_adapter, settings_from
+    from danlu.app.server import port_free
+    from danlu.config import DEFAULT_MODEL
+    from danlu.infer import Engine
+
+    if args.adapter and not Path(args.adapter).is_dir():
+        raise UserError(f"--adapter {args.adapter}: no such folder; point it at OUTPUT/final of a run")
+    if not port_free(args.host, args.port):
+        raise UserError(f"--port {args.port}: {args.host}:{args.port} is in use; pick another port")
+    model = args.model or (base_of_adapter(args.adapter) if args.adapter else None) or DEFAULT_MODEL
+    engine = Engine(model, args.adapter, precision=args.precision)
+    label = model + (f" + {args.adapter}" if args.adapter else "")
+    demo = build_demo(engine, settings_from(args), label)
+    print(f"danlu web — {label}\nopen http://{args.host}:{args.port} in a browser (Ctrl-C stops)", flush=True)
+    theme = gr.themes.Default(font=FONTS, font_mono=MONO)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        quiet=not args.share,  # with --share, gradio prints the public link
+        theme=theme,
+        footer_links=[],
+    )
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    """Register `danlu web` on the CLI's subparsers."""
+    from danlu.app.cli import add_generation_flags
+    from danlu.config import DEFAULT_MODEL
+
+    p = sub.add_parser(
+        "web",
+        help="chat with a model (and adapter) in the browser (Gradio)",
+        description="A local chat page: streamed replies, history, system prompt, sampling sliders.",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"alias, folder or hub id (default: the adapter's base, else {DEFAULT_MODEL})",
+    )
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder, e.g. out/identity/final")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument(
+        "--share", action="store_true", help="also open a public gradio.live link (off by default)"
+    )
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    add_generation_flags(p)
+    p.set_defaults(func=run_web)
