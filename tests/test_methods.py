@@ -108,7 +108,7 @@ def test_lora_variants_are_recorded_in_the_adapter(tiny_model_dir, tmp_path, fla
     assert saved[flag] is True
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw_8bit"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"])
 def test_other_optimizers_train(tiny_model_dir, tmp_path, optimizer):
     if optimizer != "sgd":
         pytest.importorskip("bitsandbytes")
@@ -144,3 +144,57 @@ def test_quantization_needs_lora_and_unknown_loggers_are_refused(tiny_model_dir,
         cfg(tiny_model_dir, tmp_path, "output.report_to=[tensorboardx]")
     with pytest.raises(UserError, match="pip install wandb"):
         train(cfg(tiny_model_dir, tmp_path, "output.report_to=[wandb]"), progress=False)
+
+
+def test_cuda_out_of_memory_stops_with_the_planners_advice(tiny_model_dir, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import danlu.train as train_mod
+    from danlu.plan import GiB
+
+    def boom(model, batch):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_mod, "forward", boom)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=1 * GiB))
+    with pytest.raises(UserError) as caught:
+        train(cfg(tiny_model_dir, tmp_path, "train.max_steps=2", "train.batch_size=4"), progress=False)
+    message = str(caught.value)
+    assert message.startswith("CUDA out of memory (danlu plan estimates") and "the GPU has 1.0 GiB" in message
+    assert "try: " in message and "\n" not in message
+
+
+def test_nan_loss_stops_the_run_naming_the_last_good_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    import danlu.train as train_mod
+
+    real = train_mod.token_loss_sum
+    calls = {"n": 0}
+
+    def nan_from_step_4(logits, labels):
+        calls["n"] += 1
+        loss = real(logits, labels)
+        return loss * float("nan") if calls["n"] >= 4 else loss
+
+    monkeypatch.setattr(train_mod, "token_loss_sum", nan_from_step_4)
+    with pytest.raises(UserError, match=r"loss became nan at step 4.*checkpoint-2, continue with --resume"):
+        train(cfg(tiny_model_dir, tmp_path, "train.max_steps=6", "train.save_every=2"), progress=False)
+    assert (tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_warmup_ratio_and_the_loss_curve_png(tiny_model_dir, tmp_path):
+    result = train(
+        cfg(
+            tiny_model_dir,
+            tmp_path,
+            "train.max_steps=10",
+            "train.warmup_ratio=0.3",
+            "train.lr=1e-3",
+            "train.scheduler=linear",
+        ),
+        progress=False,
+    )
+    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs[:4] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3])  # 3 warmup steps, then linear decay
+    assert (result.output_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -192,7 +192,7 @@ def test_overwrite_replaces_a_previous_run(tiny_model_dir, data, tmp_path):
     assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
 def test_quantized_base_trains_an_adapter_that_loads_on_the_plain_base(tiny_model_dir, data, tmp_path, kind):
     """QLoRA (nf4) and 8-bit run on the CPU with bitsandbytes >= 0.45; the adapter is ordinary PEFT."""
     pytest.importorskip("bitsandbytes")

@@ -1,7 +1,7 @@
 """Checkpoints: written atomically, found again, and restored for an exact resume.
 
-``OUTPUT/checkpoint-STEP`` holds the adapter (standard PEFT files; for full and freeze tuning,
-the trainable parameters in ``trainable.pt``) and ``trainer_state.pt``:
+``OUTPUT/checkpoint-STEP`` holds the trainable parameters in ``trainable.pt`` (for LoRA also as a
+standard PEFT adapter folder, so any checkpoint can be chatted with) and ``trainer_state.pt``:
 optimizer, schedule, gradient scaler, step and every random-number generator's state. The
 data order is a pure function of (seed, epoch), so a resumed run skips the micro-batches it
 has seen and continues exactly where the checkpoint left off, dropout masks included.
@@ -19,6 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from danlu import distributed
+from danlu.errors import UserError
 
 PREFIX = "checkpoint-"
 STATE = "trainer_state.pt"
@@ -63,20 +66,36 @@ def all_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
-def save(model: Any, optimizer: Any, scheduler: Any, scaler: Any, out: Path, step: int, keep: int) -> Path:
-    """Write OUTPUT/checkpoint-STEP and keep only the last ``keep`` checkpoints."""
+def save(
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    out: Path,
+    step: int,
+    keep: int,
+    world: distributed.World | None = None,
+) -> Path:
+    """Write OUTPUT/checkpoint-STEP and keep only the last ``keep`` checkpoints.
+
+    Under several processes every rank calls this (FSDP2 gathers shards) and rank 0 writes.
+    """
+    world = world or distributed.World()
     target = out / f"{PREFIX}{step}"
+    trainable = distributed.trainable_state(model, world)
+    optimizer_state = distributed.optimizer_state(optimizer, model, world)
+    if not world.main:
+        return target
+    plain = distributed.unwrap(model)
 
     def write(tmp: Path) -> None:
-        if _is_peft(model):
-            model.save_pretrained(tmp)
-        else:  # full/freeze: only what trains; tied weights are fine in torch.save
-            torch.save(
-                {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, tmp / TRAINABLE
-            )
+        if _is_peft(plain):  # a usable adapter folder, as the final one
+            plain.save_pretrained(tmp, state_dict=trainable)
+        torch.save(trainable, tmp / TRAINABLE)  # what restore reads, whatever the method
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "processes": world.size,
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": _rng_state(),
@@ -89,24 +108,24 @@ def save(model: Any, optimizer: Any, scheduler: Any, scaler: Any, out: Path, ste
     return target
 
 
-def restore(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> int:
-    """Load a checkpoint into the live objects; returns the step it was taken after."""
-    device = next(model.parameters()).device
-    if _is_peft(model):
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(
-            model, load_file(str(path / "adapter_model.safetensors"), device=str(device))
-        )
-    else:
-        saved = torch.load(path / TRAINABLE, map_location=device)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
+def restore(
+    path: Path,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    world: distributed.World | None = None,
+) -> int:
+    """Load a checkpoint into the live objects (on every rank); returns the step it was taken after."""
+    world = world or distributed.World()
     state = torch.load(path / STATE, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if state.get("processes", 1) != world.size:
+        raise UserError(
+            f"--resume: {path.name} was written by {state.get('processes', 1)} processes, this run has "
+            f"{world.size}; the global batch would change: resume with --nproc {state.get('processes', 1)}"
+        )
+    distributed.load_trainable(model, torch.load(path / TRAINABLE, map_location="cpu"))
+    distributed.load_optimizer_state(optimizer, model, world, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])

@@ -159,6 +159,12 @@ class TrainConfig:
     eval_every: int = opt(0, "evaluation loss on the eval split every N steps (0: only at the end)")
     save_every: int = opt(0, "write a checkpoint every N steps (0: only the final adapter)")
     save_total_limit: int = opt(2, "keep only the last K checkpoints")
+    strategy: Literal["auto", "ddp", "fsdp"] = opt(
+        "auto",
+        "with several processes (--nproc, torchrun): ddp copies the model to each GPU (LoRA, QLoRA); "
+        "fsdp shards weights, gradients and optimizer state (full tuning, large models); auto: ddp",
+    )
+    fsdp_offload: bool = opt(False, "strategy fsdp: keep the shards and optimizer state in CPU memory")
 
 
 @dataclass

@@ -163,7 +163,9 @@ def load_model(
 
     extra: dict[str, Any] = {}
     if quantization is not None:  # bitsandbytes quantizes during loading; such a model cannot be moved
-        extra = {"quantization_config": quantization, "device_map": {"": device}}
+        # "cuda" is this process's GPU (torch.cuda.set_device was called for each rank)
+        where = torch.cuda.current_device() if device == "cuda" else device
+        extra = {"quantization_config": quantization, "device_map": {"": where}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             ref, dtype=dtype, trust_remote_code=trust_remote_code, **extra

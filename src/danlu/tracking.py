@@ -95,6 +95,19 @@ class Tracker:
             self.mlflow.end_run()
 
 
+class NullTracker:
+    """What processes other than rank 0 log to: nothing."""
+
+    def log(self, step: int, **metrics: float) -> None:
+        pass
+
+    def log_samples(self, step: int, samples: list[dict[str, str]]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def check_report_to(report_to: list[str]) -> None:
     """Fail early, naming the package, when a requested logger is not installed."""
     for name in report_to:

@@ -15,14 +15,15 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from danlu import checkpoint
+from danlu import checkpoint, distributed
 from danlu import model as mdl
 from danlu.config import CONFIG_FILENAME, Config, save_config, to_dict
 from danlu.data.dataset import build, collate, micro_batches
@@ -30,7 +31,7 @@ from danlu.data.render import IGNORE, Sample
 from danlu.data.templates import apply_template
 from danlu.errors import UserError
 from danlu.methods import make_optimizer, make_trainable
-from danlu.tracking import Tracker, check_report_to, plot_losses
+from danlu.tracking import NullTracker, Tracker, check_report_to, plot_losses
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ RESUMABLE_CHANGES = {
     "output.tensorboard",
     "data.num_proc",
     "data.cache",
+    "train.strategy",
+    "train.fsdp_offload",
 }
 
 
@@ -95,12 +98,13 @@ def check_resume(out: Path, cfg: Config) -> Path:
     return found[-1]
 
 
-def plan_steps(n_samples: int, cfg: Config) -> int:
-    """Optimizer steps for the run: max_steps, or epochs over the data."""
+def plan_steps(n_samples: int, cfg: Config, processes: int = 1) -> int:
+    """Optimizer steps for the run: max_steps, or epochs over the data (the global batch is
+    batch_size x processes)."""
     t = cfg.train
     if t.max_steps:
         return t.max_steps
-    per_epoch = math.ceil(math.ceil(n_samples / t.batch_size) / t.grad_accum)
+    per_epoch = math.ceil(math.ceil(n_samples / (t.batch_size * processes)) / t.grad_accum)
     return max(1, math.ceil(t.epochs * per_epoch))
 
 
@@ -115,17 +119,52 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total: int) ->
 def train(
     cfg: Config, *, overwrite: bool = False, resume: bool = False, progress: bool = True
 ) -> TrainResult:
-    """Fine-tune ``cfg.model.path`` with LoRA on ``cfg.data``; the adapter lands in OUTPUT/final.
+    """Fine-tune ``cfg.model.path`` on ``cfg.data``; the adapter (or model) lands in OUTPUT/final.
 
     ``resume`` continues from the run's latest checkpoint, exactly as if it had not stopped.
+    Started by torchrun (or ``danlu train --nproc N``), each process trains its share of every
+    batch under DDP or FSDP2 and rank 0 alone logs and writes.
     """
     out = Path(cfg.output.dir).expanduser().resolve()
-    # 1) everything a user can get wrong, before anything heavy or anything written
-    resume_from = check_resume(out, cfg) if resume else None
-    check_report_to(cfg.output.report_to)
-    if not resume:
-        check_output_dir(out, overwrite)
     device, dtype = mdl.pick_device(cfg.train.precision)
+    world = distributed.init(device, cfg.train.strategy)
+    try:
+        # 1) everything a user can get wrong, before anything heavy or anything written
+        resume_from = check_resume(out, cfg) if resume else None
+        check_report_to(cfg.output.report_to)
+        check_strategy(cfg, world, dtype)
+        if not resume:
+            check_output_dir(out, overwrite)
+        distributed.barrier(world)  # every rank has checked before rank 0 writes anything
+        if not world.main:
+            logging.getLogger("danlu").setLevel(logging.WARNING)
+        return _train(cfg, out, resume_from, device, dtype, world, progress and world.main)
+    finally:
+        distributed.close(world)
+
+
+def check_strategy(cfg: Config, world: distributed.World, dtype: torch.dtype) -> None:
+    """Combinations the multi-process strategies cannot run, refused before loading."""
+    if world.strategy != "fsdp":
+        return
+    if cfg.model.quantization != "none":
+        raise UserError(
+            f"model.quantization={cfg.model.quantization} cannot be sharded with train.strategy=fsdp; "
+            "use train.strategy=ddp for QLoRA"
+        )
+    if dtype == torch.float16:
+        raise UserError("train.strategy=fsdp trains in bf16 or fp32; set train.precision=bf16")
+
+
+def _train(
+    cfg: Config,
+    out: Path,
+    resume_from: Path | None,
+    device: str,
+    dtype: torch.dtype,
+    world: distributed.World,
+    progress: bool,
+) -> TrainResult:
     # LoRA keeps the frozen base in the compute dtype; full and freeze tuning keep fp32 master weights
     default_weights = dtype if cfg.train.method == "lora" else torch.float32
     weights_dtype = mdl.DTYPES.get(cfg.model.dtype, default_weights)
@@ -133,12 +172,15 @@ def train(
     ref = mdl.resolve(cfg.model.path)
     tokenizer = mdl.load_tokenizer(ref, cfg.model.trust_remote_code)
     apply_template(tokenizer, cfg.data.template)
-    samples, eval_samples, summary = build(cfg.data, tokenizer, mdl.stop_token_ids(tokenizer))
+    with distributed.main_first(world):  # rank 0 tokenizes into the cache, the others read it
+        samples, eval_samples, summary = build(cfg.data, tokenizer, mdl.stop_token_ids(tokenizer))
     log.info("data %s", summary.line())
 
     # 2) model + adapter, optimizer, schedule
     torch.manual_seed(cfg.train.seed)
-    base = mdl.load_model(ref, weights_dtype, device, cfg.model.trust_remote_code, quant)
+    # FSDP2 shards from the CPU copy, so no GPU ever holds the whole model
+    load_on = "cpu" if world.strategy == "fsdp" else device
+    base = mdl.load_model(ref, weights_dtype, load_on, cfg.model.trust_remote_code, quant)
     checkpointing = {"use_reentrant": False}
     if quant is not None:  # QLoRA: norms in fp32, input grads on, checkpointing as configured
         from peft import prepare_model_for_kbit_training
@@ -156,34 +198,49 @@ def train(
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     model = make_trainable(base, cfg)
     model.train()  # from_pretrained returns eval mode: no dropout, and checkpointing would not act
+    model = distributed.wrap(model, world, device, dtype, cfg.train.fsdp_offload)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, device)
-    total = plan_steps(len(samples), cfg)
+    total = plan_steps(len(samples), cfg, world.size)
     scheduler = make_scheduler(optimizer, cfg, total)
     scaler = torch.amp.GradScaler(device) if dtype == torch.float16 else None
 
     # 3) the output folder, now that nothing above failed (or the checkpoint to continue from)
     first = 0
     if resume_from is not None:
-        first = checkpoint.restore(resume_from, model, optimizer, scheduler, scaler)
+        first = checkpoint.restore(resume_from, model, optimizer, scheduler, scaler, world)
         log.info("resuming from %s (step %d of %d)", resume_from.name, first, total)
-    else:
+    elif world.main:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
         save_config(cfg, out / CONFIG_FILENAME)
         (out / "data_summary.json").write_text(json.dumps(asdict(summary), indent=2, ensure_ascii=False))
-    n_trainable = sum(p.numel() for p in params)
-    log.info("training %d steps on %s (%s), %d trainable parameters", total, device, dtype, n_trainable)
+    n_trainable = sum(p.numel() for p in distributed.unwrap(model).parameters() if p.requires_grad)
+    log.info(
+        "training %d steps on %s (%s)%s, %d trainable parameters",
+        total,
+        device,
+        dtype,
+        f" x {world.size} processes ({world.strategy})" if world.active else "",
+        n_trainable,
+    )
 
     # 4) the loop
     result = TrainResult(out, out / "final", total)
-    tracker = Tracker(out, cfg.output.tensorboard, first, cfg.output.report_to, to_dict(cfg))
-    stop_ids = sorted(mdl.stop_token_ids(tokenizer, base))
+    tracker = (
+        Tracker(out, cfg.output.tensorboard, first, cfg.output.report_to, to_dict(cfg))
+        if world.main
+        else NullTracker()
+    )
+    plain = distributed.unwrap(model)  # DDP's inner model: eval and sampling need no gradient sync
+    stop_ids = sorted(mdl.stop_token_ids(tokenizer, plain))
     prompts = cfg.train.eval_prompts
 
     def samples_at(step: int, use_adapter: bool = True) -> None:
-        answers = sample_answers(model, tokenizer, prompts, stop_ids, device, use_adapter)
+        if world.strategy == "ddp" and not world.main:
+            return  # under FSDP2 every rank must take part in each forward
+        answers = sample_answers(plain, tokenizer, prompts, stop_ids, device, use_adapter)
         tracker.log_samples(step, [{"prompt": q, "answer": a} for q, a in zip(prompts, answers, strict=True)])
         who = "base" if not use_adapter else f"step {step}"
         for q, a in zip(prompts, answers, strict=True):
@@ -193,83 +250,132 @@ def train(
         samples_at(0, use_adapter=False)  # the base model's answers, once, for comparison
     use_autocast = device == "cuda" and dtype != torch.float32
     autocast = torch.autocast(device, dtype=dtype) if use_autocast else nullcontext()
-    batches = micro_batches(samples, cfg.train.batch_size, cfg.train.seed, skip=first * cfg.train.grad_accum)
+    global_batch = cfg.train.batch_size * world.size
+    batches = micro_batches(samples, global_batch, cfg.train.seed, skip=first * cfg.train.grad_accum)
     bar = _bar(total, progress, first)
     start = time.perf_counter()
     zero_steps = 0
-    for step in range(first + 1, total + 1):
-        tic = time.perf_counter()
-        micro = [next(batches) for _ in range(cfg.train.grad_accum)]
-        n_tokens = sum(len(s.input_ids) for batch in micro for s in batch)
-        group = [collate(batch, tokenizer.pad_token_id) for batch in micro]
-        n_trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
-        loss_sum = 0.0
-        for b in group:
-            b = {k: v.to(device) for k, v in b.items()}
-            with autocast:
-                logits = forward(model, b)
-            loss = token_loss_sum(logits, b["labels"]) / max(n_trained, 1)
-            (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum += loss.item()
-        if not math.isfinite(loss_sum):
-            kept = checkpoint.all_checkpoints(out)
-            raise UserError(
-                f"loss became {loss_sum} at step {step}; lower train.lr or check the data"
-                + (f" (last good checkpoint: {kept[-1].name}, continue with --resume)" if kept else "")
-            )
-        zero_steps = zero_steps + 1 if loss_sum == 0.0 else 0
-        if zero_steps == 3:
-            log.warning(
-                "loss has been exactly 0 for 3 steps: nothing may be trained; "
-                "check the masks with `danlu data preview`"
-            )
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = _clip(params, cfg.train.max_grad_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_per_s = n_tokens / (time.perf_counter() - tic)
-        result.losses.append(loss_sum)
-        if step % cfg.train.log_every == 0 or step == total:
-            tracker.log(step, loss=loss_sum, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
-        every = cfg.train.eval_every
-        if eval_samples and ((every and step % every == 0) or step == total):
-            with autocast:
-                result.eval_loss = evaluate(
-                    model, eval_samples, cfg.train.batch_size, tokenizer.pad_token_id, device
+    try:
+        for step in range(first + 1, total + 1):
+            tic = time.perf_counter()
+            micro = [next(batches) for _ in range(cfg.train.grad_accum)]  # the global micro-batches
+            n_tokens = sum(len(s.input_ids) for batch in micro for s in batch)
+            n_trained = sum(_trained_tokens(s) for batch in micro for s in batch)
+            group = [collate(_shard(batch, world), tokenizer.pad_token_id) for batch in micro]
+            loss_sum = 0.0
+            for i, b in enumerate(group):
+                with distributed.gradient_sync(model, world, sync=i == len(group) - 1):
+                    b = {k: v.to(device) for k, v in b.items()}
+                    with autocast:
+                        logits = forward(model, b)
+                    # DDP and FSDP average gradients over ranks: scale so the step's gradient is the
+                    # mean over all trained tokens of the global batch, as in one process
+                    loss = token_loss_sum(logits, b["labels"]) * world.size / max(n_trained, 1)
+                    (scaler.scale(loss) if scaler else loss).backward()
+                loss_sum += loss.item() / world.size
+            loss_sum = distributed.all_sum(loss_sum, world, device)
+            if not math.isfinite(loss_sum):
+                kept = checkpoint.all_checkpoints(out)
+                raise UserError(
+                    f"loss became {loss_sum} at step {step}; lower train.lr or check the data"
+                    + (f" (last good checkpoint: {kept[-1].name}, continue with --resume)" if kept else "")
                 )
-            tracker.log(step, eval_loss=result.eval_loss)
-            log.info("step %d: eval loss %.4f on %d samples", step, result.eval_loss, len(eval_samples))
-        if prompts and ((cfg.train.sample_every and step % cfg.train.sample_every == 0) or step == total):
-            samples_at(step)
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
-            checkpoint.save(model, optimizer, scheduler, scaler, out, step, cfg.train.save_total_limit)
+            zero_steps = zero_steps + 1 if loss_sum == 0.0 else 0
+            if zero_steps == 3:
+                log.warning(
+                    "loss has been exactly 0 for 3 steps: nothing may be trained; "
+                    "check the masks with `danlu data preview`"
+                )
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = _clip(params, cfg.train.max_grad_norm)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_per_s = n_tokens / (time.perf_counter() - tic)
+            result.losses.append(loss_sum)
+            if step % cfg.train.log_every == 0 or step == total:
+                memory = (
+                    {"gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30} if device == "cuda" else {}
+                )
+                tracker.log(
+                    step, loss=loss_sum, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s, **memory
+                )
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+            every = cfg.train.eval_every
+            if eval_samples and ((every and step % every == 0) or step == total):
+                with autocast:  # every rank evaluates the whole eval split: no sync needed
+                    result.eval_loss = evaluate(
+                        plain, eval_samples, cfg.train.batch_size, tokenizer.pad_token_id, device
+                    )
+                tracker.log(step, eval_loss=result.eval_loss)
+                log.info("step %d: eval loss %.4f on %d samples", step, result.eval_loss, len(eval_samples))
+            if prompts and ((cfg.train.sample_every and step % cfg.train.sample_every == 0) or step == total):
+                samples_at(step)
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
+                checkpoint.save(
+                    model, optimizer, scheduler, scaler, out, step, cfg.train.save_total_limit, world
+                )
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(out_of_memory_advice(cfg, base.config)) from None
     bar.close()
     result.seconds = time.perf_counter() - start
     tracker.close()
-    plot_losses(out)
 
     # 5) the final adapter (plain PEFT format) or model, with the tokenizer and its chat template
     model.eval()
-    checkpoint.atomic_dir(
-        result.adapter_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp))
-    )
-    log.info(
-        "saved %s to %s (%.1f s, final loss %.4f)",
-        "adapter" if cfg.train.method == "lora" else "model",
-        result.adapter_dir,
-        result.seconds,
-        result.losses[-1],
-    )
+    state = distributed.full_state(model, world)  # FSDP2: gathered onto rank 0
+    if world.main:
+        plot_losses(out)
+        checkpoint.atomic_dir(
+            result.adapter_dir,
+            lambda tmp: (plain.save_pretrained(tmp, state_dict=state), tokenizer.save_pretrained(tmp)),
+        )
+        log.info(
+            "saved %s to %s (%.1f s, final loss %.4f)",
+            "adapter" if cfg.train.method == "lora" else "model",
+            result.adapter_dir,
+            result.seconds,
+            result.losses[-1],
+        )
+    distributed.barrier(world)  # the others return once the final folder exists
     return result
+
+
+def _trained_tokens(sample: Sample) -> int:
+    """Positions the loss counts: labels after the first (each label is predicted from before it)."""
+    return int((np.asarray(sample.labels[1:]) != IGNORE).sum())
+
+
+def _shard(batch: list[Sample], world: distributed.World) -> list[Sample]:
+    """This rank's consecutive slice of a global micro-batch. A rank left without samples (the
+    last, short batch of an epoch) gets one whose labels are all masked: it still joins the
+    gradient sync, and adds nothing to it."""
+    if not world.active:
+        return batch
+    per = -(-len(batch) // world.size)
+    part = batch[world.rank * per : (world.rank + 1) * per]
+    return part or [replace(batch[0], labels=[IGNORE] * len(batch[0].labels))]
+
+
+def out_of_memory_advice(cfg: Config, model_config: Any) -> str:
+    """One line for a CUDA out-of-memory stop: what the planner says would fit this GPU."""
+    from danlu.plan import GiB, estimate, suggestions
+
+    gpu = torch.cuda.get_device_properties(0).total_memory
+    need = estimate(cfg, model_config).total / GiB
+    fixes = suggestions(cfg, model_config, gpu)
+    hint = "; or ".join(fixes[:3]) if fixes else "use a smaller model or a larger GPU"
+    return (
+        f"CUDA out of memory (danlu plan estimates {need:.1f} GiB for this run, the GPU has {gpu / GiB:.1f} GiB); "
+        f"try: {hint}"
+    )
 
 
 def forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -342,9 +448,11 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+    """Clip to ``max_norm`` (0: no clipping) and return the gradient norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a sharded norm
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 def _bar(total: int, enabled: bool, done: int = 0) -> Any:

@@ -46,7 +46,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from danlu.config import load_config
     from danlu.train import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # a bad config stops here, before any launch
+    if args.nproc:
+        from danlu.distributed import launch
+
+        switches = (
+            ("--overwrite", args.overwrite),
+            ("--resume", args.resume),
+            ("--no-progress", args.no_progress),
+        )
+        return launch(args.nproc, ["train", args.config, *args.overrides, *[f for f, on in switches if on]])
     result = train(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
     print(f"adapter: {result.adapter_dir}")
     print(f"chat with it: danlu chat --adapter {result.adapter_dir}")
@@ -163,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run in output.dir from its latest checkpoint"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train in N processes on this machine, one per GPU (torchrun; see train.strategy)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
