@@ -212,9 +212,11 @@ def test_strategy_refusals(monkeypatch):
     with pytest.raises(UserError, match="train.precision=bf16"):
         check_strategy(load_config(None), fsdp, torch.float16)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(UserError, match="needs several processes"):
         distributed.init("cpu", "fsdp")
     assert not distributed.init("cpu", "auto").active
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
     with pytest.raises(UserError, match="drop --nproc"):
         distributed.launch(2, ["train", "x.yaml"])

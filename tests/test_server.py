@@ -60,7 +60,8 @@ def running(app: object) -> Iterator[str]:
 
 def serve_args(model: str, adapters: list[str], **extra: object) -> argparse.Namespace:
     flags = dict(max_new_tokens=8, temperature=0.0, top_p=0.9, top_k=50, repetition_penalty=1.0, seed=None)
-    return argparse.Namespace(model=model, adapter=adapters, precision="fp32", **{**flags, **extra})
+    loading = dict(precision="fp32", quantization="none", device_map=None)
+    return argparse.Namespace(model=model, adapter=adapters, **{**loading, **flags, **extra})
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:

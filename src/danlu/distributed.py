@@ -58,8 +58,8 @@ class World:
 
 
 def launched() -> bool:
-    """Whether a launcher started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether a launcher (torchrun, accelerate launch) started this process, even as the only one."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def init(device: str, strategy: str) -> World:

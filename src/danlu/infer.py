@@ -101,6 +101,8 @@ class Engine:
         precision: str = "auto",
         trust_remote_code: bool = False,
         adapters: dict[str, str | Path] | None = None,
+        quantization: str = "none",
+        device_map: str | None = None,
     ) -> None:
         self.model_ref = model
         named: dict[str, str] = {}
@@ -114,7 +116,10 @@ class Engine:
         self.device, dtype = mdl.pick_device(precision)
         ref = mdl.resolve(model)
         self.base_tokenizer = mdl.load_tokenizer(ref, trust_remote_code)
-        base = mdl.load_model(ref, dtype, self.device, trust_remote_code)
+        quant = mdl.quantization_config(
+            quantization, dtype
+        )  # before loading: says if bitsandbytes is missing
+        base = mdl.load_model(ref, dtype, self.device, trust_remote_code, quant, device_map)
         # peft adapter names must be valid module keys, so user names map to internal ones
         self._peft_names: dict[str, str] = {}
         self.tokenizers: dict[str | None, Any] = {None: self.base_tokenizer}

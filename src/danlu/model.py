@@ -156,23 +156,35 @@ def quantization_config(kind: str, compute_dtype: torch.dtype, double_quant: boo
 
 
 def load_model(
-    ref: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False, quantization: Any = None
+    ref: str,
+    dtype: torch.dtype,
+    device: str,
+    trust_remote_code: bool = False,
+    quantization: Any = None,
+    device_map: str | None = None,
 ) -> Any:
-    """Load a causal LM from a resolved reference onto ``device`` (quantized while loading, if asked)."""
+    """Load a causal LM from a resolved reference onto ``device`` (quantized while loading, if asked).
+
+    ``device_map="auto"`` spreads the layers over every visible GPU (accelerate's big-model
+    loading) for models larger than one card.
+    """
     from transformers import AutoModelForCausalLM
 
     extra: dict[str, Any] = {}
-    if quantization is not None:  # bitsandbytes quantizes during loading; such a model cannot be moved
+    if quantization is not None:
+        extra["quantization_config"] = quantization
+    if device_map is not None:
+        extra["device_map"] = device_map
+    elif quantization is not None:  # bitsandbytes quantizes while loading; such a model cannot be moved
         # "cuda" is this process's GPU (torch.cuda.set_device was called for each rank)
-        where = torch.cuda.current_device() if device == "cuda" else device
-        extra = {"quantization_config": quantization, "device_map": {"": where}}
+        extra["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else device}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             ref, dtype=dtype, trust_remote_code=trust_remote_code, **extra
         )
     except OSError as e:
         raise UserError(f"cannot load model {ref}: {str(e).splitlines()[0]}") from None
-    return model if quantization is not None else model.to(device)
+    return model if "device_map" in extra else model.to(device)
 
 
 def pick_device(precision: str = "auto") -> tuple[str, torch.dtype]:

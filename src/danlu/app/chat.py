@@ -45,7 +45,9 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.adapter and not Path(args.adapter).is_dir():
         raise UserError(f"--adapter {args.adapter}: no such folder; point it at OUTPUT/final of a run")
     model = args.model or (base_of_adapter(args.adapter) if args.adapter else None) or DEFAULT_MODEL
-    engine = Engine(model, args.adapter, precision=args.precision)
+    from danlu.app.cli import loading_options
+
+    engine = Engine(model, args.adapter, **loading_options(args))
     settings = settings_from(args)
     label = f"{model}" + (f" + {args.adapter}" if args.adapter else "")
     print(f"danlu chat — {label}\n{HELP}", flush=True)

@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from danlu.app.data_cli import add_data_parser
 from danlu.app.export_cli import add_export_parser
@@ -57,8 +58,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         return launch(args.nproc, ["train", args.config, *args.overrides, *[f for f, on in switches if on]])
     result = train(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
-    print(f"adapter: {result.adapter_dir}")
-    print(f"chat with it: danlu chat --adapter {result.adapter_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        if cfg.train.method == "lora":
+            print(f"adapter: {result.adapter_dir}")
+            print(f"chat with it: danlu chat --adapter {result.adapter_dir}")
+        else:
+            print(f"model: {result.adapter_dir}")
+            print(f"chat with it: danlu chat --model {result.adapter_dir}")
     return 0
 
 
@@ -151,6 +157,29 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
 
 
+def add_loading_flags(p: argparse.ArgumentParser) -> None:
+    """How chat, serve and web load the model: precision, quantization, GPUs."""
+    g = p.add_argument_group("loading")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    g.add_argument(
+        "--quantization",
+        default="none",
+        choices=["none", "nf4", "fp4", "int8"],
+        help="load the base in 4 or 8 bits with bitsandbytes (less memory; adapters still apply)",
+    )
+    g.add_argument(
+        "--device-map",
+        default=None,
+        choices=["auto"],
+        help="auto: spread the model over every visible GPU (for models larger than one card)",
+    )
+
+
+def loading_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Engine keyword arguments of :func:`add_loading_flags`."""
+    return {"precision": args.precision, "quantization": args.quantization, "device_map": args.device_map}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from danlu.config import DEFAULT_MODEL, describe
 
@@ -196,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare", action="store_true", help="answer every prompt with the base model and with the adapter"
     )
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    add_loading_flags(p)
     add_generation_flags(p)
     p.set_defaults(func=cmd_chat)
 

@@ -385,13 +385,14 @@ def port_free(host: str, port: int) -> bool:
 def build_service(args: argparse.Namespace) -> Service:
     """Load the engine the CLI flags describe and wrap it for the routes."""
     from danlu.app.chat import base_of_adapter, settings_from
+    from danlu.app.cli import loading_options
     from danlu.config import DEFAULT_MODEL
     from danlu.infer import Engine
 
     adapters = parse_adapters(args.adapter or [])
     first = next(iter(adapters.values()), None)
     model = args.model or (base_of_adapter(first) if first else None) or DEFAULT_MODEL
-    engine = Engine(model, precision=args.precision, adapters=adapters)
+    engine = Engine(model, adapters=adapters, **loading_options(args))
     return Service(engine, model, settings_from(args))
 
 
@@ -415,7 +416,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """Register `danlu serve` and `danlu web` on the CLI's subparsers."""
-    from danlu.app.cli import add_generation_flags
+    from danlu.app.cli import add_generation_flags, add_loading_flags
     from danlu.app.web import add_parser as add_web_parser
     from danlu.config import DEFAULT_MODEL
 
@@ -439,7 +440,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    add_loading_flags(p)
     add_generation_flags(p)
     p.set_defaults(func=run_serve)
     add_web_parser(sub)

@@ -87,6 +87,7 @@ def run_web(args: argparse.Namespace) -> int:
     except ImportError:
         raise UserError("danlu web needs gradio: pip install 'danlu[web]'") from None
     from danlu.app.chat import base_of_adapter, settings_from
+    from danlu.app.cli import loading_options
     from danlu.app.server import port_free
     from danlu.config import DEFAULT_MODEL
     from danlu.infer import Engine
@@ -96,7 +97,7 @@ def run_web(args: argparse.Namespace) -> int:
     if not port_free(args.host, args.port):
         raise UserError(f"--port {args.port}: {args.host}:{args.port} is in use; pick another port")
     model = args.model or (base_of_adapter(args.adapter) if args.adapter else None) or DEFAULT_MODEL
-    engine = Engine(model, args.adapter, precision=args.precision)
+    engine = Engine(model, args.adapter, **loading_options(args))
     label = model + (f" + {args.adapter}" if args.adapter else "")
     demo = build_demo(engine, settings_from(args), label)
     print(f"danlu web — {label}\nopen http://{args.host}:{args.port} in a browser (Ctrl-C stops)", flush=True)
@@ -114,7 +115,7 @@ def run_web(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """Register `danlu web` on the CLI's subparsers."""
-    from danlu.app.cli import add_generation_flags
+    from danlu.app.cli import add_generation_flags, add_loading_flags
     from danlu.config import DEFAULT_MODEL
 
     p = sub.add_parser(
@@ -133,6 +134,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--share", action="store_true", help="also open a public gradio.live link (off by default)"
     )
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    add_loading_flags(p)
     add_generation_flags(p)
     p.set_defaults(func=run_web)
