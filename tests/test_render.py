@@ -69,3 +69,61 @@ def test_refuses_a_tokenizer_without_template(tokenizer):
     bare.chat_template = None
     with pytest.raises(UserError, match="no chat template"):
         render(bare, CHAT, 512, {tokenizer.eos_token_id})
+
+
+def test_token_ranges_from_the_span_edges_equal_those_from_every_offset(tokenizer):
+    """The fast path (ask the encoding about two characters) must pick exactly the tokens that
+    start inside each span, as reading all offsets does: byte-split Chinese characters and emoji,
+    runs of spaces, special tokens, spans starting mid-token."""
+    import random
+
+    import numpy as np
+
+    from danlu.data.render import _range_from_starts, _token_range
+
+    rng = random.Random(0)
+    pieces = [
+        "hello",
+        " world",
+        "  ",
+        "\n",
+        "你好",
+        "丹炉",
+        "🙂",
+        "<|im_end|>",
+        "<|im_start|>",
+        "ab",
+        "é",
+        "\t",
+        "123",
+    ]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 30))) for _ in range(300)]
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    checked = 0
+    for text, e in zip(texts, encodings, strict=True):
+        starts = np.asarray([a for a, _ in e.offsets], np.int64)
+        for _ in range(5):
+            a = rng.randrange(len(text))
+            b = rng.randint(a + 1, len(text))
+            fast = _token_range(e, a, b)
+            if fast is not None:
+                assert fast == _range_from_starts(starts, a, b), (text, a, b)
+                checked += 1
+    assert checked > 1000
+
+
+def test_batched_template_rendering_finds_the_same_spans(tokenizer):
+    from danlu.data.render import assistant_spans, assistant_spans_many
+
+    u = lambda t: {"role": "user", "content": t}  # noqa: E731
+    a = lambda t: {"role": "assistant", "content": t}  # noqa: E731
+    conversations = [
+        [u("hi"), a("hello")],
+        [{"role": "system", "content": "be brief"}, u("1+1?"), a("2"), u("and 2+2?"), a("4")],
+        [u("你好"), a("你好！我是丹炉。"), u("再见"), a("再见")],
+        [u("only one")] + [a("x")],
+    ]
+    assert assistant_spans_many(tokenizer, conversations) == [
+        assistant_spans(tokenizer, c) for c in conversations
+    ]
+    assert assistant_spans_many(tokenizer, []) == []

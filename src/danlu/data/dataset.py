@@ -30,7 +30,16 @@ from danlu.config import DataConfig
 from danlu.data import cache
 from danlu.data.formats import Message, Record, detect_format, record_tools
 from danlu.data.packing import pack
-from danlu.data.render import IGNORE, RAW_ROLES, Sample, assistant_spans, encode_texts, label, render_raw
+from danlu.data.render import (
+    IGNORE,
+    RAW_ROLES,
+    Sample,
+    assistant_spans,
+    assistant_spans_many,
+    encode_texts,
+    label,
+    render_raw,
+)
 from danlu.data.sources import load_sources
 from danlu.errors import UserError
 
@@ -161,21 +170,30 @@ def _tokenize_chunk(
     w = _WORKER
     tok, max_length = w["tokenizer"], w["max_length"]
     samples: list[Sample | None] = [None] * len(chunk)
+    chats = [
+        i
+        for i, (_, messages, tools) in enumerate(chunk)
+        if messages[0]["role"] not in RAW_ROLES and not tools
+    ]
+    try:
+        batched = dict(zip(chats, assistant_spans_many(tok, [chunk[i][1] for i in chats]), strict=True))
+    except Exception:  # noqa: BLE001 - one record is at fault: the loop below names it
+        batched = {}
     texts, spans, slots = [], [], []
     for i, (where, messages, tools) in enumerate(chunk):
         try:
             if messages[0]["role"] in RAW_ROLES:
                 samples[i] = render_raw(tok, messages, max_length)
                 continue
-            text, turn_spans = assistant_spans(tok, messages, tools)
+            text, turn_spans = batched[i] if i in batched else assistant_spans(tok, messages, tools)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
         texts.append(text)
         spans.append(turn_spans)
         slots.append(i)
-    for i, turn_spans, (ids, starts) in zip(slots, spans, encode_texts(tok, texts), strict=True):
+    for i, (ids, ranges) in zip(slots, encode_texts(tok, texts, spans), strict=True):
         try:
-            samples[i] = label(tok, ids, starts, turn_spans, max_length, w["stop_ids"], w["loss_on"])
+            samples[i] = label(tok, ids, ranges, max_length, w["stop_ids"], w["loss_on"])
         except UserError as e:
             raise UserError(f"{chunk[i][0]}: {e}") from None
     done = [s for s in samples if s is not None]
