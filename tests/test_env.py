@@ -105,13 +105,17 @@ def test_feature_requirements(facts: dict[str, Any]) -> None:
     assert row(facts, "LoRA training (CPU)")[0]
     assert row(facts, "OpenAI-compatible API") == (False, "pip install uvicorn")
 
-    facts["packages"].update(deepspeed="0.17", triton="3.5")
-    assert not row(facts, "DeepSpeed ZeRO")[0]  # still no CUDA
-    assert not row(facts, "fast kernels")[0]
     gpu = {"name": "NVIDIA H100", "memory_gib": 79.2, "capability": "9.0", "bf16": True}
     facts["torch"].update(cuda_available=True, cuda_built="12.8", gpus=[gpu])
-    for name in ("GPU training", "bf16", "DeepSpeed ZeRO", "fast kernels"):
+    for name in ("GPU training", "bf16"):
         assert row(facts, name) == (True, ""), name
+    assert row(facts, "several GPUs (--nproc: DDP, FSDP2)") == (
+        False,
+        row(facts, "several GPUs (--nproc: DDP, FSDP2)")[1],
+    )
+    assert "found 1" in row(facts, "several GPUs (--nproc: DDP, FSDP2)")[1]
+    facts["torch"]["gpus"] = [gpu, gpu]
+    assert row(facts, "several GPUs (--nproc: DDP, FSDP2)") == (True, "")
 
     facts["torch"]["gpus"] = [dict(gpu, name="Tesla T4", capability="7.5", bf16=False)]
     assert not row(facts, "bf16")[0]

@@ -129,11 +129,13 @@ def _join(*fixes: str) -> str:
 
 def features(facts: dict[str, Any]) -> list[tuple[str, bool, str]]:
     """One ``(feature, available, what to do if not)`` row per feature; the fix is "" when available."""
-    cuda = _cuda_fix(facts) and "needs a CUDA GPU (see GPU training)"
     bf16 = any(g["bf16"] for g in facts["torch"]["gpus"])
-    kernels = _join(_need(facts, "triton"), cuda)
-    if kernels and not facts["packages"].get("liger-kernel"):
-        kernels += "; optional: pip install liger-kernel"
+    n_gpus = len(facts["torch"]["gpus"])
+    several = (
+        ""
+        if n_gpus >= 2
+        else f"needs 2 or more CUDA GPUs (found {n_gpus}); on the CPU --nproc runs gloo processes"
+    )
     rows = [
         ("LoRA training (CPU)", _need(facts, "torch", "transformers", "peft", "accelerate")),
         ("GPU training", _cuda_fix(facts)),
@@ -144,8 +146,7 @@ def features(facts: dict[str, Any]) -> list[tuple[str, bool, str]]:
         ("TensorBoard logs", _need(facts, "tensorboard")),
         ("web chat", _need(facts, "gradio")),
         ("OpenAI-compatible API", _need(facts, "fastapi", "uvicorn")),
-        ("DeepSpeed ZeRO", _join(_need(facts, "deepspeed"), cuda)),
-        ("fast kernels", kernels),
+        ("several GPUs (--nproc: DDP, FSDP2)", several),
     ]
     return [(name, not fix, fix) for name, fix in rows]
 
