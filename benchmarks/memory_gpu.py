@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=int, default=6, help="optimizer steps per configuration (first is warmup)"
     )
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: danlu's SmolLM2 alias)")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override for every run"
+    )
     ap.add_argument("--workdir", default=None, help="where the temporary models go (default: system temp)")
     ap.add_argument(
         "--out", default=None, help="result JSON (default: $OUT/memory_gpu.json or ./memory_gpu.json)"
@@ -313,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                 tic = time.perf_counter()
                 build_model(shape, tokenizer, built[shape_name], device)
                 say(f"    built {shape_name} in {time.perf_counter() - tic:.0f} s")
-            record = run_one(name, shape_name, shape, overrides, work, built[shape_name], args.steps)
+            record = run_one(
+                name, shape_name, shape, [*overrides, *args.set], work, built[shape_name], args.steps
+            )
             record["what"] = what
             results["runs"].append(record)
             shutil.rmtree(work / f"out_{name}", ignore_errors=True)

@@ -44,15 +44,39 @@ def cfg(*overrides: str):
 
 @pytest.mark.parametrize("overrides, shape, allocated, seen", MEASURED)
 def test_estimate_matches_danlu_on_h100(overrides, shape, allocated, seen):
-    plan = estimate(cfg(*overrides), SHAPES[shape])
+    plan = estimate(cfg(*overrides, "train.fast=off"), SHAPES[shape])  # measured before the fast path
     assert abs(plan.allocated / GiB / allocated - 1) <= 0.015
     assert -0.12 <= plan.total / GiB / seen - 1 <= 0.08
 
 
 @pytest.mark.parametrize("overrides, measured, error", ANCHORS)
 def test_estimate_against_anchors(overrides, measured, error):
-    plan = estimate(cfg(*ANCHOR_RUN, *overrides), L3)
+    plan = estimate(cfg(*ANCHOR_RUN, *overrides, "train.fast=off"), L3)  # HF + PEFT: the plain loss
     assert abs(plan.allocated / GiB / measured - 1 - error) <= 0.01
+
+
+# The same script, run with the chunked loss (train.fast=auto) and without, one after the other
+# (benchmarks/results/fast_loss_h100.json): peak max_memory_allocated in GiB.
+FAST = [
+    ([*R8, "train.gradient_checkpointing=true"], "auto", 18.17),
+    ([*R8, "train.gradient_checkpointing=true", "model.quantization=nf4"], "auto", 8.44),
+]
+
+
+@pytest.mark.parametrize("overrides, fast, allocated", FAST)
+def test_estimate_matches_the_fast_path_on_h100(overrides, fast, allocated):
+    plan = estimate(cfg(*overrides, f"train.fast={fast}"), L3)
+    assert abs(plan.allocated / GiB / allocated - 1) <= 0.015
+
+
+def test_fast_measurements_file_agrees_with_the_table():
+    import json
+    from pathlib import Path
+
+    runs = json.loads((Path(__file__).parent.parent / "benchmarks/results/fast_loss_h100.json").read_text())
+    for (overrides, _, allocated), run in zip(FAST, runs["auto"], strict=True):
+        assert sorted(run["overrides"]) == sorted(overrides)
+        assert round(run["peak_allocated_gib"], 2) == allocated
 
 
 def test_measurements_file_agrees_with_the_table():
@@ -124,11 +148,26 @@ def test_quantization_lowers_weights():
 
 def test_larger_batch_raises_activations_and_logits():
     for ckpt in ("true", "false"):
-        small = estimate(cfg("train.batch_size=1", f"train.gradient_checkpointing={ckpt}"), L3)
-        big = estimate(cfg("train.batch_size=4", f"train.gradient_checkpointing={ckpt}"), L3)
+        small = estimate(
+            cfg("train.batch_size=1", f"train.gradient_checkpointing={ckpt}", "train.fast=off"), L3
+        )
+        big = estimate(
+            cfg("train.batch_size=4", f"train.gradient_checkpointing={ckpt}", "train.fast=off"), L3
+        )
         assert big.activations > small.activations
         assert big.logits == 4 * small.logits
         assert big.weights == small.weights
+
+
+def test_the_chunked_loss_caps_the_logits_term():
+    from danlu.fast import CHUNK
+
+    small = estimate(cfg("train.batch_size=1"), L3)
+    big = estimate(cfg("train.batch_size=4"), L3)
+    assert big.logits == small.logits  # 1 x 1024 and 4 x 1024 tokens: one chunk at a time either way
+    assert big.logits == estimate(cfg("train.batch_size=4", "train.fast=off"), L3).logits * CHUNK // 4096
+    short = ("train.batch_size=1", "data.max_seq_length=512")  # fewer tokens than a chunk: nothing to save
+    assert estimate(cfg(*short), L3).logits == estimate(cfg(*short, "train.fast=off"), L3).logits
 
 
 def test_full_tuning_costs_more_than_lora():

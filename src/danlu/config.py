@@ -159,6 +159,11 @@ class TrainConfig:
     eval_every: int = opt(0, "evaluation loss on the eval split every N steps (0: only at the end)")
     save_every: int = opt(0, "write a checkpoint every N steps (0: only the final adapter)")
     save_total_limit: int = opt(2, "keep only the last K checkpoints")
+    fast: Literal["auto", "off"] = opt(
+        "auto",
+        "danlu's fast path where it applies; so far the loss that never holds the whole batch's logits "
+        "(one process, models with a plain output layer); off: the plain transformers path",
+    )
     strategy: Literal["auto", "ddp", "fsdp"] = opt(
         "auto",
         "with several processes (--nproc, torchrun): ddp copies the model to each GPU (LoRA, QLoRA); "
@@ -370,6 +375,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         raise fail
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("off" if not value else "on") in choices:
+            return "off" if not value else "on"  # YAML 1.1 reads a bare off/on as a boolean
         if value in choices:
             return value
         raise UserError(

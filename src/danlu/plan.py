@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from danlu.config import Config
+from danlu.fast import CHUNK
 
 GiB = 1024**3
 
@@ -324,7 +325,7 @@ def estimate(cfg: Config, model_config: dict | Any) -> Plan:
     gradients:
 
     .. math::
-        \text{logits} = 14\,T V, \qquad
+        \text{logits} = 14\,T' V \ (T' = \min(T, C) \text{ with train.fast's chunked loss, else } T), \qquad
         (H, R) = \begin{cases}
           (L_g T A,\ 0) & \text{without checkpointing} \\
           (L_g T r h,\ T A) & \text{with checkpointing (inputs kept, one block recomputed)}
@@ -352,7 +353,8 @@ def estimate(cfg: Config, model_config: dict | Any) -> Plan:
     resid = KBIT_OTHER_BYTES if kbit else wb  # the embedding's output dtype carries down the residual stream
     blocks = s.layers if method != "freeze" else min(s.layers, getattr(cfg.train, "freeze_layers", 2))
     layer = t * layer_bytes(cfg, s)
-    logits = LOGIT_BYTES * t * s.vocab
+    # train.fast: the loss projects at most fast.loss.CHUNK trained tokens onto the vocabulary at once
+    logits = LOGIT_BYTES * (min(t, CHUNK) if getattr(cfg.train, "fast", "off") == "auto" else t) * s.vocab
     if cfg.train.gradient_checkpointing:
         held, recompute = blocks * t * resid * s.hidden, layer
     else:  # trained fp32 weights: autocast's bf16 copies are saved for backward too

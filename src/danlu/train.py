@@ -30,6 +30,8 @@ from danlu.data.dataset import build, collate, micro_batches
 from danlu.data.render import IGNORE, Sample
 from danlu.data.templates import apply_template
 from danlu.errors import UserError
+from danlu.fast.loss import loss_sum as fast_loss_sum
+from danlu.fast.loss import supports as fast_loss_supports
 from danlu.methods import make_optimizer, make_trainable
 from danlu.tracking import NullTracker, Tracker, check_report_to, plot_losses
 
@@ -248,6 +250,10 @@ def _train(
 
     if prompts and not first:
         samples_at(0, use_adapter=False)  # the base model's answers, once, for comparison
+    # the fast path's loss calls the decoder itself, so it needs the model unwrapped: one process
+    fast = cfg.train.fast == "auto" and world.strategy == "none" and fast_loss_supports(plain)
+    if cfg.train.fast == "auto":
+        log.info("fast path: %s", "chunked loss" if fast else "not available for this run (plain loss)")
     use_autocast = device == "cuda" and dtype != torch.float32
     autocast = torch.autocast(device, dtype=dtype) if use_autocast else nullcontext()
     global_batch = cfg.train.batch_size * world.size
@@ -267,10 +273,14 @@ def _train(
                 with distributed.gradient_sync(model, world, sync=i == len(group) - 1):
                     b = {k: v.to(device) for k, v in b.items()}
                     with autocast:
-                        logits = forward(model, b)
+                        summed = (
+                            fast_loss_sum(model, b)
+                            if fast
+                            else token_loss_sum(forward(model, b), b["labels"])
+                        )
                     # DDP and FSDP average gradients over ranks: scale so the step's gradient is the
                     # mean over all trained tokens of the global batch, as in one process
-                    loss = token_loss_sum(logits, b["labels"]) * world.size / max(n_trained, 1)
+                    loss = summed * world.size / max(n_trained, 1)
                     (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.item() / world.size
             loss_sum = distributed.all_sum(loss_sum, world, device)
