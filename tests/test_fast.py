@@ -73,7 +73,8 @@ def test_model_loss_and_adapter_gradients_match_the_plain_path(
             assert error < 1e-4, (name, float(error))
 
 
-def test_training_with_and_without_the_fast_path_is_the_same(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_training_with_and_without_the_fast_path_is_the_same(tiny_model_dir, tmp_path, method):
     data = write_jsonl(
         tmp_path / "d.jsonl",
         [{"instruction": f"Q{i}?", "input": "", "output": f"Answer {i}, says Danlu."} for i in range(6)],
@@ -86,10 +87,11 @@ def test_training_with_and_without_the_fast_path_is_the_same(tiny_model_dir, tmp
                 f"model.path={tiny_model_dir}",
                 f"data.path={data}",
                 f"output.dir={tmp_path / mode}",
+                f"train.method={method}",
                 "output.tensorboard=false",
                 "train.max_steps=8",
                 "train.batch_size=3",
-                "train.lr=1e-2",
+                "train.lr=1e-2" if method == "lora" else "train.lr=1e-3",
                 "lora.dropout=0",
                 f"train.fast={mode}",
             ],
