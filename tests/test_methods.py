@@ -155,7 +155,8 @@ def test_cuda_out_of_memory_stops_with_the_planners_advice(tiny_model_dir, tmp_p
     def boom(model, batch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_mod, "forward", boom)
+    monkeypatch.setattr(train_mod, "forward", boom)  # the plain path
+    monkeypatch.setattr(train_mod, "fast_loss_sum", boom)  # the fast path (the default)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=1 * GiB))
     with pytest.raises(UserError) as caught:
         train(cfg(tiny_model_dir, tmp_path, "train.max_steps=2", "train.batch_size=4"), progress=False)
@@ -167,15 +168,19 @@ def test_cuda_out_of_memory_stops_with_the_planners_advice(tiny_model_dir, tmp_p
 def test_nan_loss_stops_the_run_naming_the_last_good_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     import danlu.train as train_mod
 
-    real = train_mod.token_loss_sum
     calls = {"n": 0}
 
-    def nan_from_step_4(logits, labels):
-        calls["n"] += 1
-        loss = real(logits, labels)
-        return loss * float("nan") if calls["n"] >= 4 else loss
+    def nan_from_step_4(real):
+        def loss(*args):
+            calls["n"] += 1
+            value = real(*args)
+            return value * float("nan") if calls["n"] >= 4 else value
 
-    monkeypatch.setattr(train_mod, "token_loss_sum", nan_from_step_4)
+        return loss
+
+    # whichever loss the run uses: the fast path's (the default) or the plain one
+    monkeypatch.setattr(train_mod, "token_loss_sum", nan_from_step_4(train_mod.token_loss_sum))
+    monkeypatch.setattr(train_mod, "fast_loss_sum", nan_from_step_4(train_mod.fast_loss_sum))
     with pytest.raises(UserError, match=r"loss became nan at step 4.*checkpoint-2, continue with --resume"):
         train(cfg(tiny_model_dir, tmp_path, "train.max_steps=6", "train.save_every=2"), progress=False)
     assert (tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors").is_file()
