@@ -220,3 +220,15 @@ def test_strategy_refusals(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(UserError, match="drop --nproc"):
         distributed.launch(2, ["train", "x.yaml"])
+
+
+@pytest.mark.slow
+def test_a_data_error_under_nproc_is_one_line_and_exit_2(tiny_model_dir, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "hi"}])
+    cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, bad, tmp_path / "run")
+    proc = run_danlu("train", str(cfg), "--nproc", "2", check=False)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("danlu: error:")]
+    assert len(errors) == 1 and "bad.jsonl:1" in errors[0] and "output" in errors[0]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+    assert not (tmp_path / "run").exists()

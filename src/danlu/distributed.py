@@ -281,7 +281,31 @@ def launch(nproc: int, argv: list[str]) -> int:
         **os.environ,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(_threads_per_process(nproc))),
     }
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    try:
+        user_error = _relay(proc.stderr)
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.wait()  # torchrun stops the workers on the same Ctrl-C
+        raise
+    return 2 if user_error else code
+
+
+def _relay(stream: Any) -> bool:
+    """Copy the workers' stderr through as it comes (progress bars too: lines may end at \\r).
+    After the first ``danlu: error:`` line the rest is dropped: the other ranks' copies of it and
+    torchrun's report of the failed child. Returns whether such a line came."""
+    import io
+
+    text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
+    for line in text:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        if line.startswith("danlu: error:"):
+            for _ in text:  # drain, so torchrun never blocks on a full pipe
+                pass
+            return True
+    return False
 
 
 def _threads_per_process(nproc: int) -> int:

@@ -310,10 +310,10 @@ def collate(batch: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     extra = torch.zeros((len(batch), width), dtype=torch.long)
     for row, s in enumerate(batch):
         n = len(s.input_ids)
-        ids[row, :n] = torch.as_tensor(np.asarray(s.input_ids), dtype=torch.long)
-        labels[row, :n] = torch.as_tensor(np.asarray(s.labels), dtype=torch.long)
+        ids[row, :n] = torch.from_numpy(np.array(s.input_ids, dtype=np.int64))
+        labels[row, :n] = torch.from_numpy(np.array(s.labels, dtype=np.int64))
         if packed:
-            extra[row, :n] = torch.as_tensor(np.asarray(s.position_ids), dtype=torch.long)
+            extra[row, :n] = torch.from_numpy(np.array(s.position_ids, dtype=np.int64))
             extra[row, n:] = torch.arange(width - n)
         else:
             extra[row, :n] = 1
