@@ -212,13 +212,13 @@ def trainable_state(model: Any, world: World) -> dict[str, torch.Tensor]:
         value = p.detach()
         if hasattr(value, "full_tensor"):  # an FSDP2 shard: gather it (a collective)
             value = value.full_tensor()
-        state[_plain_name(name)] = value.cpu()
+        state[name] = value.cpu()
     return state
 
 
 def load_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
     """Copy full trainable tensors into the model, sharding them again where FSDP2 split them."""
-    params = {_plain_name(n): p for n, p in unwrap(model).named_parameters()}
+    params = dict(unwrap(model).named_parameters())
     with torch.no_grad():
         for name, value in state.items():
             p = params[name]
@@ -252,11 +252,6 @@ def load_optimizer_state(optimizer: Any, model: Any, world: World, state: dict[s
     set_optimizer_state_dict(
         model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
     )
-
-
-def _plain_name(name: str) -> str:
-    # torch.compile and activation checkpointing wrappers add these to parameter names
-    return name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
 
 
 def launch(nproc: int, argv: list[str]) -> int:

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ from typing import Any
 import torch
 
 from danlu import model as mdl
+from danlu.checkpoint import atomic_dir
 from danlu.config import CONFIG_FILENAME
 from danlu.errors import UserError
 
@@ -180,20 +178,16 @@ def merge(
 
     # 4) write everything into a temp folder next to --out, then swap it in
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         write_generation_config(merged, tokenizer, tmp)
         write_model_card(
             tmp, title=out.name, base=base, adapter=adapter, dtype=dtype, diff=diff, tolerance=tolerance
         )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_dir(out, write)
     files = sorted(p.name for p in out.iterdir())
     return MergeResult(out, dtype, diff, tolerance, effect, files)
 
