@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from danlu import bench
 from danlu import train as train_mod
 from danlu.config import Config, load_config
 from danlu.plan import SHAPES, GiB, estimate
@@ -104,16 +105,8 @@ CONFIGS: dict[str, tuple[str, list[str], str]] = {
     ),
 }
 
-SMOKE_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=50000,
-    tie_word_embeddings=False,
-)
+# the bench's tiny shape, with a vocabulary large enough for the real tokenizer's ids
+SMOKE_SHAPE = {**bench.SMOKE_SHAPE, "vocab_size": 50000}
 
 
 def say(*parts: Any) -> None:

@@ -167,3 +167,58 @@ def test_torchrun_on_one_gpu_with_nccl(tiny_model_dir, tmp_path, extra):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 15 and losses[-1] < losses[0]
     assert (out / "checkpoint-10").is_dir() and (out / "final").is_dir()
+
+
+def test_padding_free_decoder_agrees_with_transformers_in_bf16_on_cuda():
+    """Flash varlen attention + compiled kernels (bf16) against SDPA + transformers' modules (bf16),
+    both measured against an fp32 reference: the fast path may not be further off than bf16 is."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from danlu.fast import ALL
+    from danlu.fast import loss as fast
+
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ids = torch.randint(3, 512, (3, 96), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, 70:] = 0
+    mask[2, 20:] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE)
+    labels[:, :8] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def grads(dtype, run):
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(config).to("cuda", dtype)
+        base.gradient_checkpointing_enable({"use_reentrant": False})
+        torch.manual_seed(1)
+        # one layer's q_proj scaled differently: the compiled layer must treat the scaling as a constant
+        lora = LoraConfig(
+            r=8,
+            target_modules="all-linear",
+            init_lora_weights=False,
+            alpha_pattern={"layers.1.self_attn.q_proj": 32},
+        )
+        model = get_peft_model(base, lora)
+        assert model.base_model.model.model.layers[1].self_attn.q_proj.scaling["default"] == 4.0
+        model.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = run(model)
+        loss.backward()
+        return float(loss), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+    def plain(model):
+        return token_loss_sum(forward(model, batch), batch["labels"])
+
+    ref_loss, ref = grads(torch.float32, plain)
+    hf_loss, hf = grads(torch.bfloat16, plain)
+    fast_loss, ours = grads(torch.bfloat16, lambda m: fast.loss_sum(m, batch, ALL))
+    assert abs(fast_loss - ref_loss) <= 2 * abs(hf_loss - ref_loss) + 1e-3 * abs(ref_loss)
+    for name, g in ref.items():
+        hf_err = float((hf[name] - g).norm() / g.norm())
+        fast_err = float((ours[name] - g).norm() / g.norm())
+        assert fast_err <= 2 * hf_err + 1e-2, (name, fast_err, hf_err)

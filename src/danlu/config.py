@@ -161,8 +161,9 @@ class TrainConfig:
     save_total_limit: int = opt(2, "keep only the last K checkpoints")
     fast: Literal["auto", "off"] = opt(
         "auto",
-        "danlu's fast path where it applies; so far the loss that never holds the whole batch's logits "
-        "(one process, models with a plain output layer); off: the plain transformers path",
+        "danlu's fast path in one-process runs: padding-free decoder with variable-length attention "
+        "and compiled layers (llama, mistral, qwen2), LoRA inside the matmul, a loss that never holds "
+        "the whole batch's logits; off: the plain transformers path",
     )
     strategy: Literal["auto", "ddp", "fsdp"] = opt(
         "auto",

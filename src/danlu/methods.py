@@ -27,6 +27,28 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList:
     raise UserError("train.method=freeze: cannot find this model's decoder layers; use lora or full")
 
 
+def prepare(base: Any, cfg: Config, dtype: torch.dtype, quantized: bool) -> Any:
+    """The loaded base made ready to train: k-bit preparation, checkpointing, the trainable part."""
+    checkpointing = {"use_reentrant": False}
+    if quantized:  # QLoRA: norms in fp32, input grads on, checkpointing as configured
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(
+            base, cfg.train.gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
+        )
+        # peft upcasts every unquantized weight (embeddings, head, norms) to fp32. Back to the compute
+        # dtype: the embedding and head are 2 x vocab x hidden, and fp32 norm outputs would make
+        # bitsandbytes return fp32 and carry the whole residual stream in fp32 (measured: +1 GiB on 8B).
+        for p in base.parameters():
+            if p.dtype == torch.float32 and dtype != torch.float32:
+                p.data = p.data.to(dtype)
+    elif cfg.train.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    model = make_trainable(base, cfg)
+    model.train()  # from_pretrained returns eval mode: no dropout, and checkpointing would not act
+    return model
+
+
 def make_trainable(base: Any, cfg: Config) -> Any:
     """Return the model to train, with exactly the parameters ``cfg.train.method`` asks for trainable."""
     t, lora = cfg.train, cfg.lora

@@ -30,9 +30,10 @@ from danlu.data.dataset import build, collate, micro_batches
 from danlu.data.render import IGNORE, Sample
 from danlu.data.templates import apply_template
 from danlu.errors import UserError
+from danlu.fast.loss import describe as fast_describe
 from danlu.fast.loss import loss_sum as fast_loss_sum
 from danlu.fast.loss import supports as fast_loss_supports
-from danlu.methods import make_optimizer, make_trainable
+from danlu.methods import make_optimizer, prepare
 from danlu.tracking import NullTracker, Tracker, check_report_to, plot_losses
 
 log = logging.getLogger(__name__)
@@ -183,23 +184,7 @@ def _train(
     # FSDP2 shards from the CPU copy, so no GPU ever holds the whole model
     load_on = "cpu" if world.strategy == "fsdp" else device
     base = mdl.load_model(ref, weights_dtype, load_on, cfg.model.trust_remote_code, quant)
-    checkpointing = {"use_reentrant": False}
-    if quant is not None:  # QLoRA: norms in fp32, input grads on, checkpointing as configured
-        from peft import prepare_model_for_kbit_training
-
-        base = prepare_model_for_kbit_training(
-            base, cfg.train.gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
-        )
-        # peft upcasts every unquantized weight (embeddings, head, norms) to fp32. Back to the compute
-        # dtype: the embedding and head are 2 x vocab x hidden, and fp32 norm outputs would make
-        # bitsandbytes return fp32 and carry the whole residual stream in fp32 (measured: +1 GiB on 8B).
-        for p in base.parameters():
-            if p.dtype == torch.float32 and dtype != torch.float32:
-                p.data = p.data.to(dtype)
-    elif cfg.train.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-    model = make_trainable(base, cfg)
-    model.train()  # from_pretrained returns eval mode: no dropout, and checkpointing would not act
+    model = prepare(base, cfg, dtype, quantized=quant is not None)
     model = distributed.wrap(model, world, device, dtype, cfg.train.fsdp_offload)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, device)
@@ -253,7 +238,9 @@ def _train(
     # the fast path's loss calls the decoder itself, so it needs the model unwrapped: one process
     fast = cfg.train.fast == "auto" and world.strategy == "none" and fast_loss_supports(plain)
     if cfg.train.fast == "auto":
-        log.info("fast path: %s", "chunked loss" if fast else "not available for this run (plain loss)")
+        log.info(
+            "fast path: %s", fast_describe(plain) if fast else "not available under DDP/FSDP (plain loss)"
+        )
     use_autocast = device == "cuda" and dtype != torch.float32
     autocast = torch.autocast(device, dtype=dtype) if use_autocast else nullcontext()
     global_batch = cfg.train.batch_size * world.size

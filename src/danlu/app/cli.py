@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from danlu.app.bench_cli import add_bench_parser
 from danlu.app.data_cli import add_data_parser
 from danlu.app.export_cli import add_export_parser
 from danlu.app.plan_cli import add_plan_parser
@@ -262,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)
     add_export_parser(sub)  # merge, export gguf
     add_serve_parsers(sub)  # serve, web
+    add_bench_parser(sub)
     return parser
 
 

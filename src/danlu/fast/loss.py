@@ -4,9 +4,13 @@ The plain path turns the last hidden states into batch × length × vocabulary l
 an fp32 copy for the loss, and autograd keeps both for the backward: on Llama-3-8B (vocabulary
 128,256) at 2 × 2048 tokens that is about 7 GiB, more than the 4-bit weights. Here the decoder's
 hidden states go to the loss instead, and only the positions that are trained (assistant tokens)
-are projected onto the vocabulary, a chunk of :data:`CHUNK` tokens at a time. Each chunk is
-recomputed in the backward (activation checkpointing), so at most one chunk's logits exist at
-any moment. The result is the same summed cross-entropy as the plain path, to float rounding.
+are projected onto the vocabulary, a chunk of :data:`CHUNK` tokens at a time, and each chunk's
+gradient is computed right there (softmax minus one-hot, in the logits' own memory), so at most
+one chunk's logits exist at any moment and the head's matmul is never recomputed. The result is
+the same summed cross-entropy as the plain path, to float rounding.
+
+Where :mod:`danlu.fast.decoder` supports the architecture (and ``Options.varlen``), the hidden
+states come from a padding-free run of the decoder; otherwise from transformers' own decoder.
 """
 
 from __future__ import annotations
@@ -15,10 +19,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from danlu.data.render import IGNORE
-from danlu.fast import CHUNK
+from danlu.fast import ALL, CHUNK, Options, decoder, varlen
 
 
 def supports(model: Any) -> bool:
@@ -34,14 +37,33 @@ def supports(model: Any) -> bool:
     )
 
 
-def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def describe(model: Any, options: Options = ALL) -> str:
+    """What :func:`loss_sum` will run for ``model``, for the training log."""
+    if not supports(model):
+        return "not available for this model (plain loss)"
+    if options.varlen and decoder.supports(_causal_lm(model)):
+        return (
+            "padding-free decoder, variable-length attention, "
+            + ("fused kernels, " if options.fused else "")
+            + "chunked loss"
+        )
+    return "chunked loss"
+
+
+def loss_sum(model: Any, batch: dict[str, torch.Tensor], options: Options = ALL) -> torch.Tensor:
     """Summed next-token cross-entropy over the labelled positions of a padded or packed batch."""
     lm = _causal_lm(model)
-    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    head = lm.get_output_embeddings()
+    if options.varlen and decoder.supports(lm):
+        flat = varlen.flatten(batch)
+        hidden = decoder.hidden_states(lm, flat, options)
+        keep = flat.targets != IGNORE
+        return chunked_cross_entropy(hidden[keep], head.weight, flat.targets[keep])
+    inner = lm.get_decoder()
     if "position_ids" in batch:
-        out = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        out = inner(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     else:
-        out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        out = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     hidden = out.last_hidden_state[:, :-1]
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
@@ -50,23 +72,52 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``sum(cross_entropy(hidden @ weight.T, targets))`` with one chunk of logits alive at a time."""
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), CHUNK):
-        end = start + CHUNK
-        total = total + checkpoint(
-            _chunk,
-            hidden[start:end],
-            weight,
-            targets[start:end],
-            use_reentrant=False,
-            preserve_rng_state=False,
+    return _LinearCrossEntropy.apply(hidden, weight, targets)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The loss and its gradients in one pass over the chunks: each chunk's logits become their own
+    gradient (softmax minus one-hot) in place and are multiplied back at once, so the backward
+    only scales the stored gradients (hidden: trained tokens x hidden; the head's, if it trains)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        dtype = (
+            torch.get_autocast_dtype(hidden.device.type)
+            if torch.is_autocast_enabled(hidden.device.type)
+            else hidden.dtype
         )
-    return total
+        w = weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden, dtype=dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, targets.numel(), CHUNK):
+            h, t = hidden[start : start + CHUNK].to(dtype), targets[start : start + CHUNK]
+            logits = F.linear(h, w).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+            grad[torch.arange(t.numel(), device=t.device), t] -= 1.0
+            grad = grad.to(dtype)
+            if grad_hidden is not None:
+                grad_hidden[start : start + CHUNK] = grad @ w
+            if grad_weight is not None:
+                grad_weight.add_(grad.t() @ h)  # accumulated in fp32 over the chunks
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return total
 
-
-def _chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return (
+            (grad_hidden * grad_out).to(hidden_dtype) if grad_hidden is not None else None,
+            (grad_weight * grad_out).to(weight_dtype) if grad_weight is not None else None,
+            None,
+        )
 
 
 def _causal_lm(model: Any) -> Any:

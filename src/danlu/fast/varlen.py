@@ -1,0 +1,89 @@
+"""Padding-free batches and the attention that keeps their sequences apart.
+
+A batch (padded rows with an attention mask, or packed rows with restarting position ids, as
+:func:`danlu.data.dataset.collate` makes them) becomes one row of only its real tokens; the
+sequences in it are told apart by ``cu_seqlens``, their start offsets (int32, ``n + 1`` values).
+No compute is spent on padding, and attention runs on each sequence alone: on CUDA through
+torch's variable-length flash attention (``torch.nn.attention.varlen``), elsewhere through
+``scaled_dot_product_attention`` one sequence at a time (the same numbers, for tests on the CPU).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from danlu.data.render import IGNORE
+
+try:
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # torch < 2.10
+    _varlen_attn = None
+
+
+@dataclass
+class Flat:
+    """One padding-free row: ``T`` tokens of ``n`` sequences."""
+
+    input_ids: torch.Tensor  # [T]
+    position_ids: torch.Tensor  # [T], restarting at 0 for each sequence
+    targets: torch.Tensor  # [T], the next token of the same sequence, IGNORE where none is trained
+    cu_seqlens: torch.Tensor  # [n + 1] int32: sequence i is tokens cu_seqlens[i] : cu_seqlens[i + 1]
+    max_len: int
+
+
+def flatten(batch: dict[str, torch.Tensor]) -> Flat:
+    """The real tokens of a padded or packed batch in one row, with next-token targets."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    # the target at each position is the next token of the same row; a row's last position has none
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1)
+    if "position_ids" in batch:  # packed rows (the first token of every sample carries no label)
+        positions, ids, targets = batch["position_ids"].reshape(-1), ids.reshape(-1), targets.reshape(-1)
+    else:
+        real = batch["attention_mask"].bool()
+        positions = (real.long().cumsum(-1) - 1)[real]
+        ids, targets = ids[real], targets[real]
+    starts = torch.nonzero(positions == 0).flatten()
+    ends = torch.cat([starts[1:], starts.new_tensor([positions.numel()])])
+    cu = torch.cat([starts, ends[-1:]]).to(torch.int32)
+    # a sequence's last token must not learn the next sequence's first: targets there are dropped
+    targets = targets.clone()
+    targets[ends - 1] = IGNORE
+    return Flat(ids, positions, targets, cu, int((ends - starts).max()))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flat: Flat, scale: float) -> torch.Tensor:
+    """Causal attention within each sequence: ``q`` [T, heads, d], ``k``/``v`` [T, kv heads, d]."""
+    # under autocast the projections come out in the autocast dtype, but rotary angles kept in fp32
+    # (fp32 weights: full fine-tuning) promote q and k back; flash attention takes fp16/bf16 only
+    dtype = torch.get_autocast_dtype("cuda") if q.is_cuda and torch.is_autocast_enabled("cuda") else q.dtype
+    if q.is_cuda and _varlen_attn is not None and dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        return _varlen_attn(
+            q, k, v, flat.cu_seqlens, flat.cu_seqlens, flat.max_len, flat.max_len, **_causal(q, k, scale)
+        )
+    gqa = q.shape[1] != k.shape[1]
+    bounds = flat.cu_seqlens.tolist()
+    parts = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        q_, k_, v_ = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=scale, enable_gqa=gqa)
+        parts.append(out[0].transpose(0, 1))
+    return torch.cat(parts)
+
+
+def _causal(q: torch.Tensor, k: torch.Tensor, scale: float) -> dict[str, Any]:
+    """varlen_attn's keywords for causal attention: its signature changed between torch 2.10 and 2.11."""
+    params = inspect.signature(_varlen_attn).parameters
+    kwargs: dict[str, Any] = {"scale": scale}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    if "enable_gqa" in params and q.shape[1] != k.shape[1]:
+        kwargs["enable_gqa"] = True
+    return kwargs

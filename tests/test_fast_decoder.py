@@ -1,0 +1,164 @@
+"""The padding-free decoder: same loss and gradients as transformers' forward, sequences kept apart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from danlu.data.render import IGNORE
+from danlu.fast import ALL, LOSS_ONLY, decoder, varlen
+from danlu.fast import loss as fast
+from danlu.train import forward, token_loss_sum
+
+
+def small(model_type: str, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=120,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **extra,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def padded_batch():
+    torch.manual_seed(1)
+    ids = torch.randint(3, 120, (3, 24))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    mask[2, 6:] = 0
+    labels = ids.clone()
+    labels[:, :4] = IGNORE  # a prompt
+    labels[mask == 0] = IGNORE
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_flatten_keeps_only_real_tokens_and_never_targets_across_sequences():
+    batch = padded_batch()
+    flat = varlen.flatten(batch)
+    assert flat.cu_seqlens.tolist() == [0, 24, 39, 45]
+    assert flat.max_len == 24 and flat.cu_seqlens.dtype == torch.int32
+    assert flat.position_ids[24:39].tolist() == list(range(15))
+    assert flat.input_ids[39:].tolist() == batch["input_ids"][2, :6].tolist()
+    # targets are the next token of the same sequence; the last token of each has none
+    assert flat.targets[:23].tolist() == batch["labels"][0, 1:].tolist()
+    assert flat.targets[[23, 38, 44]].tolist() == [IGNORE] * 3
+    # packed rows: sequences start where the position ids restart (padding tail becomes its own)
+    packed = {
+        "input_ids": torch.arange(10).unsqueeze(0),
+        "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1, 2]]),
+        "labels": torch.tensor([[IGNORE, 1, 2, IGNORE, 4, 5, 6, IGNORE, IGNORE, IGNORE]]),
+    }
+    flat = varlen.flatten(packed)
+    assert flat.cu_seqlens.tolist() == [0, 3, 7, 10]
+    assert flat.targets.tolist() == [1, 2, IGNORE, 4, 5, 6, IGNORE, IGNORE, IGNORE, IGNORE]
+
+
+def test_attention_stays_within_each_sequence():
+    torch.manual_seed(0)
+    lengths = [5, 1, 9]
+    cu = torch.tensor([0, 5, 6, 15], dtype=torch.int32)
+    q, k, v = torch.randn(15, 4, 8), torch.randn(15, 2, 8), torch.randn(15, 2, 8)
+    flat = varlen.Flat(torch.zeros(15, dtype=torch.long), torch.zeros(15, dtype=torch.long), None, cu, 9)
+    out = varlen.attention(q, k, v, flat, 0.3)
+    # reference: one block-diagonal causal mask over the whole row
+    seg = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))
+    allowed = (seg[:, None] == seg[None, :]) & torch.ones(15, 15, dtype=torch.bool).tril()
+    ref = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1), v.repeat_interleave(2, 1).transpose(0, 1),
+        attn_mask=allowed, scale=0.3,
+    ).transpose(0, 1)  # fmt: skip
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_loss_and_lora_gradients_equal_transformers_forward(model_type, checkpointing):
+    from peft import LoraConfig, get_peft_model
+
+    base = small(model_type, **({"sliding_window": None} if model_type == "mistral" else {}))
+    assert decoder.supports(base)
+    if checkpointing:
+        base.gradient_checkpointing_enable({"use_reentrant": False})
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.train()
+    calls = []
+    model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.register_forward_pre_hook(
+        lambda *a: calls.append(1)
+    )
+    batch = padded_batch()
+    plain = token_loss_sum(forward(model, batch), batch["labels"])
+    plain.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    calls.clear()
+    ours = fast.loss_sum(model, batch, ALL)
+    ours.backward()
+    # with checkpointing each layer runs again in the backward: proof the flag is followed
+    assert len(calls) == (2 if checkpointing else 1)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-4)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            error = (p.grad - want[name]).norm() / want[name].norm()
+            assert error < 1e-4, (name, float(error))
+
+
+def test_other_decoders_fall_back_to_transformers_forward():
+    sliding = small("mistral", sliding_window=8)  # a window the padding-free attention does not apply
+    assert not decoder.supports(sliding)
+    assert fast.describe(sliding) == "chunked loss"
+    batch = padded_batch()
+    plain = token_loss_sum(forward(sliding, batch), batch["labels"])
+    torch.testing.assert_close(fast.loss_sum(sliding, batch), plain, rtol=1e-5, atol=1e-4)
+    assert "padding-free decoder" in fast.describe(small("llama"))
+    assert fast.describe(small("llama"), LOSS_ONLY) == "chunked loss"
+
+
+def test_lora_projections_equal_peft_and_fall_back_where_they_must():
+    from peft import LoraConfig, get_peft_model
+
+    from danlu.fast import lora
+
+    x = torch.randn(2, 7, 48)
+    for config, shared in [
+        (LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), True),
+        (LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, use_dora=True), False),
+    ]:
+        model = get_peft_model(small("llama"), config)
+        attn = model.base_model.model.model.layers[0].self_attn
+        mods = [attn.q_proj, attn.k_proj, attn.v_proj]
+        assert (lora._parts(attn.q_proj) is not None) == shared  # DoRA: peft's own forward
+        for ours, want in zip(lora.project(mods, x), [m(x) for m in mods], strict=True):
+            torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+        with model.disable_adapter():  # a disabled adapter is the base layer alone
+            assert lora._parts(attn.q_proj) is None
+            torch.testing.assert_close(lora.project([attn.q_proj], x)[0], attn.q_proj.base_layer(x))
+
+
+def test_layers_are_compiled_only_where_it_pays(monkeypatch, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from danlu.fast import kernels
+
+    cuda = torch.device("cuda")
+    plain = small("llama")
+    monkeypatch.setattr(kernels, "_toolchain", lambda: True)
+    assert decoder.compiles_layers(plain, ALL, cuda)
+    assert not decoder.compiles_layers(plain, ALL, torch.device("cpu"))  # Inductor's GPU kernels only
+    assert not decoder.compiles_layers(plain, LOSS_ONLY, cuda)
+    plain.save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    nf4 = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map={"": "cpu"})
+    assert not decoder.compiles_layers(nf4, ALL, cuda)  # would keep the dequantized weights
