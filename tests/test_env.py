@@ -34,6 +34,7 @@ def without_everything(facts: dict[str, Any]) -> dict[str, Any]:
     facts["packages"] = dict.fromkeys(facts["packages"])
     facts["torch"].update(cuda_available=False, cuda_built=None, gpus=[])
     facts["default_model"] = {"path": None, "present": False}
+    facts["c_compiler"] = None
     return facts
 
 
@@ -116,6 +117,13 @@ def test_feature_requirements(facts: dict[str, Any]) -> None:
     assert "found 1" in row(facts, "several GPUs (--nproc: DDP, FSDP2)")[1]
     facts["torch"]["gpus"] = [gpu, gpu]
     assert row(facts, "several GPUs (--nproc: DDP, FSDP2)") == (True, "")
+    facts["c_compiler"] = None
+    assert row(facts, "fast path: compiled layers (train.fast)") == (
+        False,
+        "pip install triton; install a C compiler (apt install gcc) for Triton",
+    )
+    facts["packages"]["triton"], facts["c_compiler"] = "3.5", "cc"
+    assert row(facts, "fast path: compiled layers (train.fast)") == (True, "")
 
     facts["torch"]["gpus"] = [dict(gpu, name="Tesla T4", capability="7.5", bf16=False)]
     assert not row(facts, "bf16")[0]
@@ -138,6 +146,7 @@ def test_render_all_present_has_no_missing_section(facts: dict[str, Any]) -> Non
     gpu = {"name": "NVIDIA H200", "memory_gib": 139.8, "capability": "9.0", "bf16": True}
     facts["torch"].update(cuda_available=True, cuda_built="12.8", gpus=[gpu] * 8)
     facts["default_model"] = {"path": "/x/" + env.MODEL_FILE, "present": True}
+    facts["c_compiler"] = "gcc"
     text = env.render(facts)
     assert "missing (feature" not in text
     assert "no\n" not in text

@@ -13,6 +13,7 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -98,6 +99,7 @@ def collect() -> dict[str, Any]:
         "packages": {name: _version(name) for name in PACKAGES},
         "default_model": _default_model(),
         "cache_dir": str(cache_dir()),
+        "c_compiler": next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None),
     }
 
 
@@ -113,6 +115,12 @@ def _cuda_fix(facts: dict[str, Any]) -> str:
     if t["cuda_built"]:
         return f"torch has CUDA {t['cuda_built']} but sees no GPU: check nvidia-smi and CUDA_VISIBLE_DEVICES"
     return CUDA_HINT
+
+
+def _compile_fix(facts: dict[str, Any]) -> str:
+    """torch.compile's GPU kernels need CUDA, Triton, and a C compiler for Triton's launcher."""
+    compiler = "" if facts.get("c_compiler") else "install a C compiler (apt install gcc) for Triton"
+    return _join(_cuda_fix(facts), _need(facts, "triton"), compiler)
 
 
 def _model_fix(model: dict[str, Any]) -> str:
@@ -147,6 +155,7 @@ def features(facts: dict[str, Any]) -> list[tuple[str, bool, str]]:
         ("web chat", _need(facts, "gradio")),
         ("OpenAI-compatible API", _need(facts, "fastapi", "uvicorn")),
         ("several GPUs (--nproc: DDP, FSDP2)", several),
+        ("fast path: compiled layers (train.fast)", _compile_fix(facts)),
     ]
     return [(name, not fix, fix) for name, fix in rows]
 
