@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from danlu.data.render import IGNORE
-from danlu.fast import ALL, CHUNK, Options, decoder, varlen
+from danlu.fast import ALL, CHUNK, Options, decoder, kernels, varlen
 
 
 def supports(model: Any) -> bool:
@@ -41,12 +41,16 @@ def describe(model: Any, options: Options = ALL) -> str:
     """What :func:`loss_sum` will run for ``model``, for the training log."""
     if not supports(model):
         return "not available for this model (plain loss)"
-    if options.varlen and decoder.supports(_causal_lm(model)):
-        return (
-            "padding-free decoder, variable-length attention, "
-            + ("fused kernels, " if options.fused else "")
-            + "chunked loss"
-        )
+    lm = _causal_lm(model)
+    if options.varlen and decoder.supports(lm):
+        device = lm.get_output_embeddings().weight.device
+        parts = ["padding-free decoder, variable-length attention"]
+        if decoder.compiles_layers(lm, options, device):
+            parts.append("each layer compiled")
+        elif options.fused and kernels.can_compile(device):
+            parts.append("fused kernels")
+        parts += ["LoRA inside the matmul"] if options.lora else []
+        return ", ".join([*parts, "chunked loss"])
     return "chunked loss"
 
 
