@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import random
@@ -132,7 +131,7 @@ def build_model(shape: dict[str, Any], tokenizer: Any, folder: Path, device: str
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     del model
-    free_memory()
+    bench.free_memory()
 
 
 def write_data(path: Path, records: int, words: int) -> None:
@@ -141,12 +140,6 @@ def write_data(path: Path, records: int, words: int) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(records):
             f.write(json.dumps({"text": " ".join(rng.choices(WORDS, k=words))}) + "\n")
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
@@ -214,7 +207,7 @@ def run_one(
     record["estimate_total_gib"] = plan.total / GiB
     cuda = torch.cuda.is_available()
     if cuda:
-        free_memory()
+        bench.free_memory()
         torch.cuda.reset_peak_memory_stats()
     tic = time.perf_counter()
     try:
@@ -240,7 +233,7 @@ def run_one(
             record["error_allocated"] = plan.allocated / GiB / record["peak_allocated_gib"] - 1
             seen = record["peak_reserved_gib"] + record["outside_allocator_gib"]
             record["error_total"] = plan.total / GiB / seen - 1
-    free_memory()
+    bench.free_memory()
     return record
 
 

@@ -34,6 +34,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -107,6 +108,10 @@ class Settings:
     pack_tokens: int = 4096
     smoke: bool = False
 
+    def __post_init__(self) -> None:
+        if self.smoke:  # tiny shapes on the CPU: checks the flow in seconds
+            self.seq, self.varlen_samples, self.pack_tokens = 64, 40, 256
+
 
 @dataclass
 class PathResult:
@@ -143,7 +148,7 @@ def run(
             log(f"  {name} failed: {report['cases'][name]['error']}")
             if settings.smoke:
                 raise
-        _free()
+        free_memory()
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1))
     return report
@@ -175,7 +180,7 @@ def _case(
     if case.quantization:  # bitsandbytes quantizes while loading: both paths load one saved copy
         folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"danlu-bench-{name}"
         _build(shape, model_type, device).save_pretrained(folder)
-        _free()
+        free_memory()
     if case.varlen:  # warmup and timed steps see different samples; both paths the same ones
         warm, timed = _varlen_samples(shape["vocab_size"], s)
         b = s.varlen_batch
@@ -201,10 +206,8 @@ def _case(
         results.append(res)
         log(f"  {label}: {res.tokens_per_s:,.0f} tokens/s, MFU {res.mfu:.1%}, peak {res.peak_gib:.2f} GiB")
         del model, optimizer
-        _free()
+        free_memory()
     if folder is not None:
-        import shutil
-
         shutil.rmtree(folder, ignore_errors=True)
     base, best = results[0], results[-1]  # the baseline and danlu's full fast path
     summary = {
@@ -312,7 +315,7 @@ def _measure(
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
         tic = time.perf_counter()
-        b = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device, dtype=torch.bfloat16):
             loss = step(model, b)
         optimizer.step()
@@ -344,7 +347,8 @@ def _flops(shape: dict[str, Any], batches: list[dict[str, torch.Tensor]]) -> flo
 def _lengths(batch: dict[str, torch.Tensor]) -> list[int]:
     if "attention_mask" in batch:
         return batch["attention_mask"].sum(-1).tolist()
-    starts = torch.nonzero(batch["position_ids"][0] == 0).flatten().tolist() + [int(batch["n_real"])]
+    positions = batch["position_ids"][0]  # packed rows hold no padding
+    starts = torch.nonzero(positions == 0).flatten().tolist() + [positions.numel()]
     return [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
@@ -412,7 +416,6 @@ def _packed(samples: list[Sample], budget: int) -> list[dict[str, torch.Tensor]]
                     "input_ids": ids[None],
                     "position_ids": pos[None],
                     "labels": labels[None],
-                    "n_real": ids.numel(),
                 }
             )
             row = []
@@ -442,7 +445,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _free() -> None:
+def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

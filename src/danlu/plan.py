@@ -353,8 +353,8 @@ def estimate(cfg: Config, model_config: dict | Any) -> Plan:
     resid = KBIT_OTHER_BYTES if kbit else wb  # the embedding's output dtype carries down the residual stream
     blocks = s.layers if method != "freeze" else min(s.layers, getattr(cfg.train, "freeze_layers", 2))
     layer = t * layer_bytes(cfg, s)
-    # train.fast: the loss projects at most fast.loss.CHUNK trained tokens onto the vocabulary at once
-    logits = LOGIT_BYTES * (min(t, CHUNK) if getattr(cfg.train, "fast", "off") == "auto" else t) * s.vocab
+    # train.fast: the loss projects at most fast.CHUNK trained tokens onto the vocabulary at once
+    logits = LOGIT_BYTES * (min(t, CHUNK) if cfg.train.fast == "auto" else t) * s.vocab
     if cfg.train.gradient_checkpointing:
         held, recompute = blocks * t * resid * s.hidden, layer
     else:  # trained fp32 weights: autocast's bf16 copies are saved for backward too

@@ -239,7 +239,8 @@ def _train(
     fast = cfg.train.fast == "auto" and world.strategy == "none" and fast_loss_supports(plain)
     if cfg.train.fast == "auto":
         log.info(
-            "fast path: %s", fast_describe(plain) if fast else "not available under DDP/FSDP (plain loss)"
+            "fast path: %s",
+            fast_describe(plain) if world.strategy == "none" else "not available under DDP/FSDP (plain loss)",
         )
     use_autocast = device == "cuda" and dtype != torch.float32
     autocast = torch.autocast(device, dtype=dtype) if use_autocast else nullcontext()

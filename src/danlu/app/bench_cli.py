@@ -40,8 +40,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     default = Path(os.environ["OUT"]) / "bench.json" if os.environ.get("OUT") else Path("bench.json")
     out = Path(args.out) if args.out else default
     settings = Settings(steps=args.steps, smoke=args.smoke)
-    if args.smoke:
-        settings.seq, settings.varlen_samples, settings.pack_tokens = 64, 40, 256
     report = run([c.strip() for c in args.cases.split(",") if c.strip()], settings, out)
     print("\n".join(table(report)))
     print(f"results: {out}")

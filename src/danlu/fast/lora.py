@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from danlu.fast.kernels import compute_dtype
+
 
 @dataclass
 class _Parts:
@@ -37,7 +39,7 @@ def project(modules: list[Any], x: torch.Tensor) -> list[torch.Tensor]:
     dropouts = {type(p.dropout) for p in parts}
     if len(modules) > 1 and dropouts != {torch.nn.Identity}:
         return [project([m], x)[0] for m in modules]  # each its own dropout mask, as peft draws them
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = compute_dtype(x)
     a = torch.cat([p.a for p in parts]) if len(parts) > 1 else parts[0].a
     low = F.linear(parts[0].dropout(x).to(dtype), a.to(dtype))  # [..., sum of ranks]
     outs = []

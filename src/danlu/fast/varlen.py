@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from danlu.data.render import IGNORE
+from danlu.fast.kernels import compute_dtype
 
 try:
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -60,11 +61,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flat: Flat, sca
     """Causal attention within each sequence: ``q`` [T, heads, d], ``k``/``v`` [T, kv heads, d]."""
     # under autocast the projections come out in the autocast dtype, but rotary angles kept in fp32
     # (fp32 weights: full fine-tuning) promote q and k back; flash attention takes fp16/bf16 only
-    dtype = torch.get_autocast_dtype("cuda") if q.is_cuda and torch.is_autocast_enabled("cuda") else q.dtype
+    dtype = compute_dtype(q)
     if q.is_cuda and _varlen_attn is not None and dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return _varlen_attn(
-            q, k, v, flat.cu_seqlens, flat.cu_seqlens, flat.max_len, flat.max_len, **_causal(q, k, scale)
+            q,
+            k,
+            v,
+            flat.cu_seqlens,
+            flat.cu_seqlens,
+            flat.max_len,
+            flat.max_len,
+            **_causal(q, k),
+            scale=scale,
         )
     gqa = q.shape[1] != k.shape[1]
     bounds = flat.cu_seqlens.tolist()
@@ -76,14 +85,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flat: Flat, sca
     return torch.cat(parts)
 
 
-def _causal(q: torch.Tensor, k: torch.Tensor, scale: float) -> dict[str, Any]:
+def _causal_keywords() -> dict[str, Any]:
     """varlen_attn's keywords for causal attention: its signature changed between torch 2.10 and 2.11."""
+    if _varlen_attn is None:
+        return {}
     params = inspect.signature(_varlen_attn).parameters
-    kwargs: dict[str, Any] = {"scale": scale}
-    if "window_size" in params:
-        kwargs["window_size"] = (-1, 0)
-    else:
-        kwargs["is_causal"] = True
-    if "enable_gqa" in params and q.shape[1] != k.shape[1]:
-        kwargs["enable_gqa"] = True
-    return kwargs
+    return {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+
+
+_CAUSAL = _causal_keywords()  # read once here, not in every layer's call (nor inside a compiled graph)
+_HAS_GQA_FLAG = _varlen_attn is not None and "enable_gqa" in inspect.signature(_varlen_attn).parameters
+
+
+def _causal(q: torch.Tensor, k: torch.Tensor) -> dict[str, Any]:
+    gqa = _HAS_GQA_FLAG and q.shape[1] != k.shape[1]
+    return {**_CAUSAL, "enable_gqa": True} if gqa else _CAUSAL
