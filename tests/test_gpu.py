@@ -222,3 +222,58 @@ def test_padding_free_decoder_agrees_with_transformers_in_bf16_on_cuda():
         hf_err = float((hf[name] - g).norm() / g.norm())
         fast_err = float((ours[name] - g).norm() / g.norm())
         assert fast_err <= 2 * hf_err + 1e-2, (name, fast_err, hf_err)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_fast_path_keeps_little_but_weights_from_forward_to_backward_on_cuda(tmp_path, quantized):
+    """What the forward leaves on the GPU for the backward: with the layers' inputs offloaded, less
+    than one layer input per layer; a 4-bit base's compiled layers never keep dequantized weights."""
+    if quantized:
+        pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    from danlu.fast import ALL, Options, decoder, varlen
+
+    layers, hidden, inter, tokens = 4, 1024, 4096, 2048
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).to(torch.bfloat16)
+    if quantized:
+        base.save_pretrained(tmp_path)
+        nf4 = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+        base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=nf4, dtype=torch.bfloat16)
+    base = base.cuda()
+    base.gradient_checkpointing_enable({"use_reentrant": False})
+    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear"))
+    model.train()
+    ids = torch.randint(3, 512, (1, tokens), device="cuda")
+    flat = varlen.flatten({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    lm = model.base_model.model
+
+    def held(options):
+        for _ in range(2):  # the first pass compiles
+            torch.cuda.synchronize()
+            torch.empty(1, device="cuda")  # lets the allocator take back blocks the copies have released
+            before = torch.cuda.memory_allocated()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = decoder.hidden_states(lm, flat, options)
+            torch.cuda.synchronize()
+            torch.empty(1, device="cuda")
+            after = torch.cuda.memory_allocated() - out.numel() * out.element_size()
+            out.float().sum().backward()
+            del out  # else the next pass's "before" counts it
+            model.zero_grad(set_to_none=True)
+        return after - before
+
+    layer_input = tokens * hidden * 2
+    dequantized = (4 * hidden * hidden + 3 * hidden * inter) * 2  # one layer's weights in bf16
+    kept, offloaded = held(Options(offload=False)), held(ALL)
+    assert kept >= layers * layer_input, kept  # every layer's input
+    assert offloaded <= kept - (layers - 1) * layer_input, (kept, offloaded)
+    assert kept < layers * layer_input + dequantized, kept  # never a layer's dequantized weights per layer

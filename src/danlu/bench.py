@@ -91,9 +91,10 @@ FULL = ("danlu fast (train.fast=auto)", fast.ALL)
 ABLATION = [
     ("danlu plain (train.fast=off)", None),
     ("+ chunked loss", fast.LOSS_ONLY),
-    ("+ padding-free varlen attention", fast.Options(varlen=True, fused=False, lora=False, compile=False)),
-    ("+ fused RMSNorm/RoPE/SwiGLU", fast.Options(varlen=True, fused=True, lora=False, compile=False)),
-    ("+ LoRA inside the matmul", fast.Options(varlen=True, fused=True, lora=True, compile=False)),
+    ("+ padding-free varlen attention", fast.Options(fused=False, lora=False, compile=False, offload=False)),
+    ("+ fused RMSNorm/RoPE/SwiGLU", fast.Options(lora=False, compile=False, offload=False)),
+    ("+ LoRA inside the matmul", fast.Options(compile=False, offload=False)),
+    ("+ each layer compiled", fast.Options(offload=False)),
 ]
 
 

@@ -165,12 +165,12 @@ class TrainConfig:
         "and compiled layers (llama, mistral, qwen2), LoRA inside the matmul, a loss that never holds "
         "the whole batch's logits; off: the plain transformers path",
     )
-    strategy: Literal["auto", "ddp", "fsdp"] = opt(
+    strategy: Literal["auto", "ddp", "fsdp", "zero2", "zero3"] = opt(
         "auto",
-        "with several processes (--nproc, torchrun): ddp copies the model to each GPU (LoRA, QLoRA); "
-        "fsdp shards weights, gradients and optimizer state (full tuning, large models); auto: ddp",
+        "several processes (--nproc, torchrun): ddp, a model copy per GPU (LoRA, QLoRA); fsdp, FSDP2 shards "
+        "(full tuning, large models); zero2/zero3, DeepSpeed ZeRO-2/3 (danlu[deepspeed] extra); auto: ddp",
     )
-    fsdp_offload: bool = opt(False, "strategy fsdp: keep the shards and optimizer state in CPU memory")
+    fsdp_offload: bool = opt(False, "CPU offload: fsdp/zero3 shards + optimizer state, zero2 optimizer state")
 
 
 @dataclass

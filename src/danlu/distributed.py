@@ -1,4 +1,4 @@
-"""Several processes, one model: data parallelism on ``torch.distributed`` (DDP and FSDP2).
+"""Several processes, one model: data parallelism on ``torch.distributed`` (DDP, FSDP2; ZeRO in zero.py).
 
 danlu does not start processes itself beyond handing ``--nproc N`` to torchrun: any launcher
 that sets the standard variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
@@ -45,7 +45,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    strategy: str = "none"  # none | ddp | fsdp
+    strategy: str = "none"  # none | ddp | fsdp | zero2 | zero3
     wait_group: Any = field(default=None, repr=False)
 
     @property
@@ -56,6 +56,11 @@ class World:
     def active(self) -> bool:
         return self.size > 1
 
+    @property
+    def zero(self) -> bool:
+        """DeepSpeed's engine owns backward and step (see :mod:`danlu.zero`)."""
+        return self.strategy in ("zero2", "zero3")
+
 
 def launched() -> bool:
     """Whether a launcher (torchrun, accelerate launch) started this process, even as the only one."""
@@ -65,8 +70,10 @@ def launched() -> bool:
 def init(device: str, strategy: str) -> World:
     """Join the process group torchrun (or accelerate) set up; a world of one when not launched."""
     if not launched():
-        if strategy == "fsdp":
-            raise UserError("train.strategy=fsdp needs several processes; start with --nproc N (or torchrun)")
+        if strategy in ("fsdp", "zero2", "zero3"):
+            raise UserError(
+                f"train.strategy={strategy} needs several processes; start with --nproc N (or torchrun)"
+            )
         return World()
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -81,7 +88,8 @@ def init(device: str, strategy: str) -> World:
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     # a CPU-side group for waiting: NCCL collectives would time out (and use GPU memory) while idle
     wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
-    return World(rank, size, local_rank, "fsdp" if strategy == "fsdp" else "ddp", wait_group)
+    chosen = strategy if strategy in ("fsdp", "zero2", "zero3") else "ddp"
+    return World(rank, size, local_rank, chosen, wait_group)
 
 
 def close(world: World) -> None:
@@ -170,8 +178,13 @@ def gradient_sync(model: Any, world: World, sync: bool) -> Iterator[None]:
 
 
 def full_state(model: Any, world: World) -> dict[str, torch.Tensor] | None:
-    """For FSDP2 the whole model's state gathered on rank 0's CPU (a collective); else None,
-    meaning: the model's own ``state_dict`` is complete."""
+    """For FSDP2 and ZeRO the whole model's state gathered on rank 0's CPU (a collective); else
+    None, meaning: the model's own ``state_dict`` is complete."""
+    if world.zero:
+        from danlu import zero
+
+        # an adapter saves only its own weights: no need to gather the frozen base
+        return zero.gather(model, world.main, trainable_only=hasattr(unwrap(model), "peft_config"))
     if world.strategy != "fsdp":
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -184,10 +197,9 @@ def full_state(model: Any, world: World) -> dict[str, torch.Tensor] | None:
 
 
 def unwrap(model: Any) -> Any:
-    """The model without DDP's wrapper (FSDP2 shards in place: nothing to take off)."""
-    return (
-        model.module if hasattr(model, "module") and hasattr(model, "require_backward_grad_sync") else model
-    )
+    """The model without DDP's or DeepSpeed's wrapper (FSDP2 shards in place: nothing to take off)."""
+    wrapped = hasattr(model, "require_backward_grad_sync") or type(model).__name__ == "DeepSpeedEngine"
+    return model.module if hasattr(model, "module") and wrapped else model
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
@@ -206,6 +218,10 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
 
 def trainable_state(model: Any, world: World) -> dict[str, torch.Tensor]:
     """Full (unsharded) trainable parameters on CPU; every rank must call it, rank 0 gets them all."""
+    if world.zero:
+        from danlu import zero
+
+        return zero.gather(model, world.main, trainable_only=True)
     named = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
     state = {}
     for name, p in named:

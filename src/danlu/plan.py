@@ -320,7 +320,8 @@ def estimate(cfg: Config, model_config: dict | Any) -> Plan:
     (:data:`OPTIMIZER_STATES` × 4 bytes × n) for :math:`n` trainable parameters.
 
     Transient terms, with :math:`L_g` the blocks gradients flow through (all, or the last
-    ``freeze_layers`` for freeze tuning), :math:`A` from :func:`layer_bytes`, :math:`r` the
+    ``freeze_layers`` for freeze tuning), :math:`L_k` the blocks whose inputs stay on the GPU
+    (:math:`L_g`, or 2 with train.fast, which keeps the others in CPU memory), :math:`A` from :func:`layer_bytes`, :math:`r` the
     residual stream's bytes (2, or 4 with fp32 master weights or a 4-bit base), :math:`G` the
     gradients:
 
@@ -328,7 +329,7 @@ def estimate(cfg: Config, model_config: dict | Any) -> Plan:
         \text{logits} = 14\,T' V \ (T' = \min(T, C) \text{ with train.fast's chunked loss, else } T), \qquad
         (H, R) = \begin{cases}
           (L_g T A,\ 0) & \text{without checkpointing} \\
-          (L_g T r h,\ T A) & \text{with checkpointing (inputs kept, one block recomputed)}
+          (L_k T r h,\ T A) & \text{with checkpointing (inputs kept, one block recomputed)}
         \end{cases}
 
     The loss buffers die before backward reaches the blocks, and parameter gradients appear
@@ -356,7 +357,10 @@ def estimate(cfg: Config, model_config: dict | Any) -> Plan:
     # train.fast: the loss projects at most fast.CHUNK trained tokens onto the vocabulary at once
     logits = LOGIT_BYTES * (min(t, CHUNK) if cfg.train.fast == "auto" else t) * s.vocab
     if cfg.train.gradient_checkpointing:
-        held, recompute = blocks * t * resid * s.hidden, layer
+        # train.fast (one process, a Llama-family decoder) keeps the layers' inputs in CPU memory:
+        # on the GPU at most the one being copied out and the one coming back
+        kept = min(blocks, 2) if cfg.train.fast == "auto" else blocks
+        held, recompute = kept * t * resid * s.hidden, layer
     else:  # trained fp32 weights: autocast's bf16 copies are saved for backward too
         held, recompute = blocks * layer + (2 * _trained_linear(cfg, s) if _autocast_copies(cfg) else 0), 0
     grads = grad_b * n

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from danlu import checkpoint, distributed
+from danlu import checkpoint, distributed, zero
 from danlu import model as mdl
 from danlu.config import CONFIG_FILENAME, Config, save_config, to_dict
 from danlu.data.dataset import build, collate, micro_batches
@@ -126,7 +126,7 @@ def train(
 
     ``resume`` continues from the run's latest checkpoint, exactly as if it had not stopped.
     Started by torchrun (or ``danlu train --nproc N``), each process trains its share of every
-    batch under DDP or FSDP2 and rank 0 alone logs and writes.
+    batch under DDP, FSDP2 or DeepSpeed ZeRO and rank 0 alone logs and writes.
     """
     out = Path(cfg.output.dir).expanduser().resolve()
     device, dtype = mdl.pick_device(cfg.train.precision)
@@ -148,6 +148,9 @@ def train(
 
 def check_strategy(cfg: Config, world: distributed.World, dtype: torch.dtype) -> None:
     """Combinations the multi-process strategies cannot run, refused before loading."""
+    if world.zero:
+        zero.check(cfg, world.strategy, dtype)
+        return
     if world.strategy != "fsdp":
         return
     if cfg.model.quantization != "none":
@@ -181,8 +184,8 @@ def _train(
 
     # 2) model + adapter, optimizer, schedule
     torch.manual_seed(cfg.train.seed)
-    # FSDP2 shards from the CPU copy, so no GPU ever holds the whole model
-    load_on = "cpu" if world.strategy == "fsdp" else device
+    # FSDP2 and ZeRO-3 shard from the CPU copy, so no GPU ever holds the whole model
+    load_on = "cpu" if world.strategy in ("fsdp", "zero3") else device
     base = mdl.load_model(ref, weights_dtype, load_on, cfg.model.trust_remote_code, quant)
     model = prepare(base, cfg, dtype, quantized=quant is not None)
     model = distributed.wrap(model, world, device, dtype, cfg.train.fsdp_offload)
@@ -191,6 +194,9 @@ def _train(
     total = plan_steps(len(samples), cfg, world.size)
     scheduler = make_scheduler(optimizer, cfg, total)
     scaler = torch.amp.GradScaler(device) if dtype == torch.float16 else None
+    use_autocast = device == "cuda" and dtype != torch.float32
+    if world.zero:  # DeepSpeed's engine takes model and optimizer: it reduces, clips and steps
+        model = zero.initialize(model, optimizer, cfg, dtype if use_autocast else None)
 
     # 3) the output folder, now that nothing above failed (or the checkpoint to continue from)
     first = 0
@@ -203,7 +209,9 @@ def _train(
         out.mkdir(parents=True)
         save_config(cfg, out / CONFIG_FILENAME)
         (out / "data_summary.json").write_text(json.dumps(asdict(summary), indent=2, ensure_ascii=False))
-    n_trainable = sum(p.numel() for p in distributed.unwrap(model).parameters() if p.requires_grad)
+    n_trainable = sum(  # ZeRO-3 leaves each rank a slice; ds_numel is the whole
+        getattr(p, "ds_numel", p.numel()) for p in distributed.unwrap(model).parameters() if p.requires_grad
+    )
     log.info(
         "training %d steps on %s (%s)%s, %d trainable parameters",
         total,
@@ -225,8 +233,8 @@ def _train(
     prompts = cfg.train.eval_prompts
 
     def samples_at(step: int, use_adapter: bool = True) -> None:
-        if world.strategy == "ddp" and not world.main:
-            return  # under FSDP2 every rank must take part in each forward
+        if world.strategy in ("ddp", "zero2") and not world.main:
+            return  # under FSDP2 and ZeRO-3 every rank must take part in each forward
         answers = sample_answers(plain, tokenizer, prompts, stop_ids, device, use_adapter)
         tracker.log_samples(step, [{"prompt": q, "answer": a} for q, a in zip(prompts, answers, strict=True)])
         who = "base" if not use_adapter else f"step {step}"
@@ -240,9 +248,10 @@ def _train(
     if cfg.train.fast == "auto":
         log.info(
             "fast path: %s",
-            fast_describe(plain) if world.strategy == "none" else "not available under DDP/FSDP (plain loss)",
+            fast_describe(plain)
+            if world.strategy == "none"
+            else f"not available under {world.strategy} (plain loss)",
         )
-    use_autocast = device == "cuda" and dtype != torch.float32
     autocast = torch.autocast(device, dtype=dtype) if use_autocast else nullcontext()
     global_batch = cfg.train.batch_size * world.size
     batches = micro_batches(samples, global_batch, cfg.train.seed, skip=first * cfg.train.grad_accum)
@@ -266,10 +275,13 @@ def _train(
                             if fast
                             else token_loss_sum(forward(model, b), b["labels"])
                         )
-                    # DDP and FSDP average gradients over ranks: scale so the step's gradient is the
-                    # mean over all trained tokens of the global batch, as in one process
+                    # DDP, FSDP and ZeRO average gradients over ranks: scale so the step's gradient is
+                    # the mean over all trained tokens of the global batch, as in one process
                     loss = summed * world.size / max(n_trained, 1)
-                    (scaler.scale(loss) if scaler else loss).backward()
+                    if world.zero:
+                        zero.backward(model, loss)
+                    else:
+                        (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.item() / world.size
             loss_sum = distributed.all_sum(loss_sum, world, device)
             if not math.isfinite(loss_sum):
@@ -285,16 +297,11 @@ def _train(
                     "check the masks with `danlu data preview`"
                 )
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = _clip(params, cfg.train.max_grad_norm)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
+            if world.zero:  # the engine clipped and updated after the step's last micro-batch
+                grad_norm = zero.grad_norm(model)
             else:
-                optimizer.step()
+                grad_norm = _step(optimizer, scaler, params, cfg.train.max_grad_norm)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             tokens_per_s = n_tokens / (time.perf_counter() - tic)
             result.losses.append(loss_sum)
             if step % cfg.train.log_every == 0 or step == total:
@@ -328,7 +335,7 @@ def _train(
 
     # 5) the final adapter (plain PEFT format) or model, with the tokenizer and its chat template
     model.eval()
-    state = distributed.full_state(model, world)  # FSDP2: gathered onto rank 0
+    state = distributed.full_state(model, world)  # FSDP2, ZeRO: gathered onto rank 0
     if world.main:
         plot_losses(out)
         checkpoint.atomic_dir(
@@ -443,6 +450,20 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
     shift_labels = labels[:, 1:].reshape(-1)
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
+
+
+def _step(optimizer: Any, scaler: Any, params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip, update and clear the gradients; returns the gradient norm before clipping."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    norm = _clip(params, max_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float) -> float:

@@ -51,7 +51,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # a bad config stops here, before any launch
     if args.nproc:
         from danlu.distributed import launch
+        from danlu.zero import STAGES, require
 
+        if cfg.train.strategy in STAGES:
+            require(cfg.train.strategy)  # before starting processes that would all stop on it
         switches = (
             ("--overwrite", args.overwrite),
             ("--resume", args.resume),

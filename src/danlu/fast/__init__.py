@@ -11,7 +11,9 @@ Five parts, each switchable for the benchmark's ablation (:class:`Options`):
 - :mod:`danlu.fast.lora`: LoRA projections that add the update inside the base output's matmul
   and share one ``lora_A`` matmul between projections of the same input;
 - on CUDA, each decoder layer compiled as one graph (torch.compile), which removes most of the
-  per-operation Python and kernel-launch time.
+  per-operation Python and kernel-launch time;
+- :mod:`danlu.fast.offload`: on CUDA, each checkpointed layer's input waits for the backward in
+  CPU memory, copied out and back while other layers compute.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class Options:
     fused: bool = True  # compiled RMSNorm / rotary / SwiGLU kernels (padding-free decoder only)
     lora: bool = True  # LoRA updates added inside the matmul, shared lora_A (padding-free decoder only)
     compile: bool = True  # each decoder layer one compiled graph, on CUDA (padding-free decoder only)
+    offload: bool = True  # checkpointed layers' inputs wait in CPU memory, on CUDA (padding-free decoder)
 
 
 ALL = Options()
-LOSS_ONLY = Options(varlen=False, fused=False, lora=False, compile=False)
+LOSS_ONLY = Options(varlen=False, fused=False, lora=False, compile=False, offload=False)

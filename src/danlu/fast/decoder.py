@@ -18,6 +18,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from danlu.fast import Options, kernels, lora
+from danlu.fast.offload import Offloader
 from danlu.fast.varlen import Flat, attention
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -63,21 +64,25 @@ def hidden_states(lm: Any, flat: Flat, options: Options) -> torch.Tensor:
     cos, sin = cos[0], sin[0]
     whole = compiles_layers(lm, options, x.device)
     ops = _Ops(x.device, options.fused and not whole, options.lora)
+    offload = _offloader(options, x.device)
+    # a 4-bit base's compiled checkpoint must be told to dequantize again rather than keep the result
+    saved = _checkpointed_4bit if whole and getattr(lm, "hf_quantizer", None) is not None else _checkpointed
     for layer in decoder.layers:
         keep_less = (
             getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()
         )
-        run = _checkpointed if keep_less else _layer
+        if keep_less and offload is not None:
+            x = _offloaded(layer, x, cos, sin, flat, ops, offload, saved if whole else None)
+            continue
+        run = saved if keep_less else _layer
         x = (_compiled(run) if whole else run)(layer, x, cos, sin, flat, ops)
     rms_norm = kernels.pick(kernels.rms_norm, options.fused, x.device)
     return rms_norm(x, decoder.norm.weight, decoder.norm.variance_epsilon)
 
 
 def compiles_layers(lm: Any, options: Options, device: torch.device) -> bool:
-    """Whether each layer runs as one compiled graph: asked for, possible here, and not a quantized
-    base (compiled around the checkpoint, the dequantized 4-bit weights were kept for the backward:
-    8B QLoRA 8.5 -> 18.0 GiB, measured on the H100)."""
-    return options.compile and kernels.can_compile(device) and getattr(lm, "hf_quantizer", None) is None
+    """Whether each layer runs as one compiled graph: asked for and possible here."""
+    return options.compile and kernels.can_compile(device)
 
 
 class _Ops:
@@ -92,6 +97,74 @@ def _checkpointed(
     layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: Flat, ops: _Ops
 ) -> torch.Tensor:
     return checkpoint(_layer, layer, x, cos, sin, flat, ops, use_reentrant=False)
+
+
+def offloads(options: Options, device: torch.device) -> bool:
+    """Whether checkpointed layers' inputs wait in CPU memory: on a GPU (a CPU has nowhere to move them)."""
+    return options.offload and device.type == "cuda"
+
+
+def _offloader(options: Options, device: torch.device) -> Offloader | None:
+    return Offloader(device) if offloads(options, device) else None
+
+
+def _offloaded(
+    layer: Any,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    flat: Flat,
+    ops: _Ops,
+    offload: Offloader,
+    compiled: Any,
+) -> torch.Tensor:
+    """A checkpointed layer whose input waits for the backward in CPU memory.
+
+    A compiled layer (``compiled``: the checkpointed function to compile) saves its input through
+    autograd; in eager mode the reentrant checkpoint does (the non-reentrant one keeps it in a
+    closure, out of the hooks' reach), and it needs an input that requires grad to run the
+    backward at all: below the first layer nothing trains (frozen embeddings), so the input is
+    cut off there and marked."""
+    if compiled is not None:
+        run = _compiled(compiled)
+    else:
+        run = _reentrant
+        if not x.requires_grad:
+            x = x.detach().requires_grad_()
+    with offload.saving(x):
+        return run(layer, x, cos, sin, flat, ops)
+
+
+def _checkpointed_4bit(
+    layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: Flat, ops: _Ops
+) -> torch.Tensor:
+    """The checkpointed layer of a 4-bit base, for compiling. Compiled around a plain checkpoint,
+    the backward kept the forward's dequantized weights (its own dequantization of the same
+    weights was merged with the forward's): 8B QLoRA 8.5 -> 18.0 GiB on the H100. Marking
+    bitsandbytes' operations as ones to recompute keeps only the 4-bit weights (7.5 GiB)."""
+    return checkpoint(
+        _layer, layer, x, cos, sin, flat, ops, use_reentrant=False, context_fn=_recompute_bitsandbytes
+    )
+
+
+def _recompute_bitsandbytes() -> Any:
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_policy)
+
+
+def _policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if str(op).startswith("bitsandbytes."):
+        return CheckpointPolicy.MUST_RECOMPUTE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _reentrant(
+    layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: Flat, ops: _Ops
+) -> torch.Tensor:
+    return checkpoint(_layer, layer, x, cos, sin, flat, ops, use_reentrant=True)
 
 
 @cache

@@ -50,6 +50,7 @@ def describe(model: Any, options: Options = ALL) -> str:
         elif options.fused and kernels.can_compile(device):
             parts.append("fused kernels")
         parts += ["LoRA inside the matmul"] if options.lora else []
+        parts += ["checkpointed layers' inputs in CPU memory"] if decoder.offloads(options, device) else []
         return ", ".join([*parts, "chunked loss"])
     return "chunked loss"
 
