@@ -64,6 +64,13 @@ def test_bitsandbytes_missing_then_present(facts: dict[str, Any]) -> None:
     assert row(facts, "QLoRA / 8-bit (bitsandbytes)") == (True, "")
 
 
+def test_deepspeed_is_an_optional_strategy(facts: dict[str, Any]) -> None:
+    facts["packages"]["deepspeed"] = None
+    assert row(facts, "DeepSpeed ZeRO-2/3 (train.strategy=zero2/zero3)") == (False, "pip install deepspeed")
+    facts["packages"]["deepspeed"] = "0.19.8"
+    assert row(facts, "DeepSpeed ZeRO-2/3 (train.strategy=zero2/zero3)") == (True, "")
+
+
 def test_embedded_model_missing_needs_no_deps(facts: dict[str, Any]) -> None:
     facts["default_model"] = {"path": None, "present": False}
     ok, fix = row(facts, "embedded default model")

@@ -155,6 +155,7 @@ def features(facts: dict[str, Any]) -> list[tuple[str, bool, str]]:
         ("web chat", _need(facts, "gradio")),
         ("OpenAI-compatible API", _need(facts, "fastapi", "uvicorn")),
         ("several GPUs (--nproc: DDP, FSDP2)", several),
+        ("DeepSpeed ZeRO-2/3 (train.strategy=zero2/zero3)", _need(facts, "deepspeed")),
         ("fast path: compiled layers (train.fast)", _compile_fix(facts)),
     ]
     return [(name, not fix, fix) for name, fix in rows]
