@@ -5,6 +5,7 @@ Each multi-process run goes through `danlu train --nproc 2`, i.e. torchrun, as a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -157,13 +158,26 @@ def test_fsdp_full_tuning_matches_one_process(tiny_model_dir, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_lora_matches_one_process(tiny_model_dir, data, tmp_path):
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "fsdp",
+        pytest.param(
+            "zero3",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("deepspeed") is None,
+                reason="DeepSpeed not installed (danlu[deepspeed])",
+            ),
+        ),
+    ],
+)
+def test_sharded_lora_matches_one_process(tiny_model_dir, data, tmp_path, strategy):
     one = train(
         load_config(write_config(tmp_path / "one.yaml", tiny_model_dir, data, tmp_path / "one")),
         progress=False,
     )
     cfg = write_config(
-        tmp_path / "two.yaml", tiny_model_dir, data, tmp_path / "two", batch_size=2, strategy="fsdp"
+        tmp_path / "two.yaml", tiny_model_dir, data, tmp_path / "two", batch_size=2, strategy=strategy
     )
     run_danlu("train", str(cfg), "--nproc", "2", "--no-progress")
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
