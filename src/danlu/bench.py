@@ -49,6 +49,7 @@ from danlu import model as mdl
 from danlu.config import Config
 from danlu.data.render import IGNORE
 from danlu.errors import UserError
+from danlu.fast import varlen
 from danlu.fast.loss import loss_sum
 from danlu.methods import make_optimizer, prepare
 from danlu.plan import SHAPES
@@ -346,11 +347,8 @@ def _flops(shape: dict[str, Any], batches: list[dict[str, torch.Tensor]]) -> flo
 
 
 def _lengths(batch: dict[str, torch.Tensor]) -> list[int]:
-    if "attention_mask" in batch:
-        return batch["attention_mask"].sum(-1).tolist()
-    positions = batch["position_ids"][0]  # packed rows hold no padding
-    starts = torch.nonzero(positions == 0).flatten().tolist() + [positions.numel()]
-    return [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    """The real sequences' lengths, padded or packed: where the fast path's flattening finds them."""
+    return varlen.flatten(batch).cu_seqlens.diff().tolist()
 
 
 # ---- data

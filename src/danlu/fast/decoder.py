@@ -67,15 +67,25 @@ def hidden_states(lm: Any, flat: Flat, options: Options) -> torch.Tensor:
     offload = _offloader(options, x.device)
     # a 4-bit base's compiled checkpoint must be told to dequantize again rather than keep the result
     saved = _checkpointed_4bit if whole and getattr(lm, "hf_quantizer", None) is not None else _checkpointed
+    if whole:
+        plain, kept = _compiled(_layer), _compiled(saved)
+    else:  # eager: only the reentrant checkpoint saves its input where the offloader's hooks see it
+        plain, kept = _layer, _reentrant if offload is not None else saved
     for layer in decoder.layers:
         keep_less = (
             getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()
         )
-        if keep_less and offload is not None:
-            x = _offloaded(layer, x, cos, sin, flat, ops, offload, saved if whole else None)
-            continue
-        run = saved if keep_less else _layer
-        x = (_compiled(run) if whole else run)(layer, x, cos, sin, flat, ops)
+        if not keep_less:
+            x = plain(layer, x, cos, sin, flat, ops)
+        elif offload is None:
+            x = kept(layer, x, cos, sin, flat, ops)
+        else:
+            if not whole and not x.requires_grad:
+                # the reentrant checkpoint runs no backward without an input that requires grad; below
+                # the first layer nothing trains (frozen embeddings), so the input is cut off and marked
+                x = x.detach().requires_grad_()
+            with offload.saving(x):
+                x = kept(layer, x, cos, sin, flat, ops)
     rms_norm = kernels.pick(kernels.rms_norm, options.fused, x.device)
     return rms_norm(x, decoder.norm.weight, decoder.norm.variance_epsilon)
 
@@ -106,33 +116,6 @@ def offloads(options: Options, device: torch.device) -> bool:
 
 def _offloader(options: Options, device: torch.device) -> Offloader | None:
     return Offloader(device) if offloads(options, device) else None
-
-
-def _offloaded(
-    layer: Any,
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    flat: Flat,
-    ops: _Ops,
-    offload: Offloader,
-    compiled: Any,
-) -> torch.Tensor:
-    """A checkpointed layer whose input waits for the backward in CPU memory.
-
-    A compiled layer (``compiled``: the checkpointed function to compile) saves its input through
-    autograd; in eager mode the reentrant checkpoint does (the non-reentrant one keeps it in a
-    closure, out of the hooks' reach), and it needs an input that requires grad to run the
-    backward at all: below the first layer nothing trains (frozen embeddings), so the input is
-    cut off there and marked."""
-    if compiled is not None:
-        run = _compiled(compiled)
-    else:
-        run = _reentrant
-        if not x.requires_grad:
-            x = x.detach().requires_grad_()
-    with offload.saving(x):
-        return run(layer, x, cos, sin, flat, ops)
 
 
 def _checkpointed_4bit(

@@ -17,6 +17,8 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from danlu.fast import C_COMPILERS
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
@@ -55,9 +57,7 @@ def pick(fn: Callable, fused: bool, device: torch.device) -> Callable:
 @cache
 def _toolchain() -> bool:
     # Inductor writes Triton kernels, and Triton builds its launcher with the system C compiler
-    return importlib.util.find_spec("triton") is not None and any(
-        shutil.which(c) for c in ("cc", "gcc", "clang")
-    )
+    return importlib.util.find_spec("triton") is not None and any(shutil.which(c) for c in C_COMPILERS)
 
 
 def can_compile(device: torch.device) -> bool:
