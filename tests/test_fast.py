@@ -18,8 +18,13 @@ from danlu.fast import loss as fast
 from danlu.train import forward, token_loss_sum, train
 
 
-def test_chunked_cross_entropy_matches_the_full_one(monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused-chunk"])
+def test_chunked_cross_entropy_matches_the_full_one(monkeypatch, fused):
     monkeypatch.setattr(fast, "CHUNK", 7)  # several chunks and a short last one
+    if fused:  # the GPU's compiled chunk step, run eagerly here: the same function, uncompiled
+        monkeypatch.setattr(fast.kernels, "can_compile", lambda device: True)
+        monkeypatch.setattr(fast, "_fused_chunk", lambda logits, t: calls.append(1) or fast._chunk(logits, t))
+    calls = []
     torch.manual_seed(0)
     hidden = torch.randn(30, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
@@ -33,6 +38,19 @@ def test_chunked_cross_entropy_matches_the_full_one(monkeypatch):
     torch.testing.assert_close(ours, full)
     torch.testing.assert_close(g_hidden, hidden.grad)
     torch.testing.assert_close(g_weight, weight.grad)
+    assert len(calls) == (5 if fused else 0)  # 30 positions in chunks of 7
+
+
+def test_the_fused_chunk_keeps_fp32_arithmetic_for_bf16_logits():
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 40) * 4).bfloat16()
+    targets = torch.randint(0, 40, (6,))
+    loss, grad = fast._chunk(logits, targets)
+    want = F.cross_entropy(logits.float(), targets, reduction="sum")
+    torch.testing.assert_close(loss, want)
+    assert grad.dtype == torch.bfloat16
+    want_grad = torch.softmax(logits.float(), -1) - F.one_hot(targets, 40).float()
+    torch.testing.assert_close(grad.float(), want_grad, rtol=1e-2, atol=4e-3)
 
 
 @pytest.mark.parametrize("options", [LOSS_ONLY, ALL], ids=["hf-decoder", "padding-free-decoder"])

@@ -63,6 +63,21 @@ def test_flatten_keeps_only_real_tokens_and_never_targets_across_sequences():
     assert flat.targets.tolist() == [1, 2, IGNORE, 4, 5, 6, IGNORE, IGNORE, IGNORE, IGNORE]
 
 
+def test_equal_length_sequences_are_recognised_without_reading_the_gpu():
+    def flat(lengths):
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        return varlen.Flat(None, None, None, cu, max(lengths))
+
+    assert varlen.uniform(flat([4, 4, 4]), 12)
+    assert not varlen.uniform(flat([4, 3, 4]), 11)
+    assert not varlen.uniform(flat([5, 1, 6]), 12)  # same total, different lengths
+    batch = {"input_ids": torch.ones(2, 6, dtype=torch.long), "attention_mask": torch.ones(2, 6)}
+    batch["labels"] = batch["input_ids"].clone()
+    assert varlen.uniform(varlen.flatten(batch), 12)
+    batch["attention_mask"][1, 4:] = 0
+    assert not varlen.uniform(varlen.flatten(batch), 10)
+
+
 def test_attention_stays_within_each_sequence():
     torch.manual_seed(0)
     lengths = [5, 1, 9]
@@ -125,10 +140,14 @@ def test_other_decoders_fall_back_to_transformers_forward():
     assert fast.describe(small("llama"), LOSS_ONLY) == "chunked loss"
 
 
-def test_lora_projections_equal_peft_and_fall_back_where_they_must():
+@pytest.mark.parametrize("traced", [False, True], ids=["eager-addmm", "compiled-add"])
+def test_lora_projections_equal_peft_and_fall_back_where_they_must(monkeypatch, traced):
     from peft import LoraConfig, get_peft_model
 
     from danlu.fast import lora
+
+    # inside a compiled layer the update is a matmul plus an add; here both forms run eagerly
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: traced)
 
     x = torch.randn(2, 7, 48)
     for config, shared in [

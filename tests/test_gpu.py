@@ -14,6 +14,7 @@ from danlu.config import load_config
 from danlu.data.dataset import collate
 from danlu.data.packing import pack
 from danlu.data.render import IGNORE, render
+from danlu.fast import varlen
 from danlu.train import forward, token_loss_sum, train
 
 pytestmark = pytest.mark.gpu
@@ -169,9 +170,11 @@ def test_torchrun_on_one_gpu_with_nccl(tiny_model_dir, tmp_path, extra):
     assert (out / "checkpoint-10").is_dir() and (out / "final").is_dir()
 
 
-def test_padding_free_decoder_agrees_with_transformers_in_bf16_on_cuda():
-    """Flash varlen attention + compiled kernels (bf16) against SDPA + transformers' modules (bf16),
-    both measured against an fp32 reference: the fast path may not be further off than bf16 is."""
+@pytest.mark.parametrize("lengths", ["mixed", "equal"])
+def test_padding_free_decoder_agrees_with_transformers_in_bf16_on_cuda(lengths):
+    """Flash varlen attention (mixed lengths) or cuDNN attention (equal lengths) + compiled
+    layers (bf16) against SDPA + transformers' modules (bf16), both measured against an fp32
+    reference: the fast path may not be further off than bf16 is."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -185,11 +188,13 @@ def test_padding_free_decoder_agrees_with_transformers_in_bf16_on_cuda():
     torch.manual_seed(0)
     ids = torch.randint(3, 512, (3, 96), device="cuda")
     mask = torch.ones_like(ids)
-    mask[1, 70:] = 0
-    mask[2, 20:] = 0
+    if lengths == "mixed":
+        mask[1, 70:] = 0
+        mask[2, 20:] = 0
     labels = ids.masked_fill(mask == 0, IGNORE)
     labels[:, :8] = IGNORE
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    assert varlen.uniform(varlen.flatten(batch), int(mask.sum())) == (lengths == "equal")
 
     def grads(dtype, run):
         torch.manual_seed(0)
@@ -222,6 +227,32 @@ def test_padding_free_decoder_agrees_with_transformers_in_bf16_on_cuda():
         hf_err = float((hf[name] - g).norm() / g.norm())
         fast_err = float((ours[name] - g).norm() / g.norm())
         assert fast_err <= 2 * hf_err + 1e-2, (name, fast_err, hf_err)
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_dense_attention_equals_the_variable_length_kernel_on_cuda(monkeypatch, gqa):
+    """Equal-length sequences through cuDNN (as a batch) and through flash varlen: the same
+    outputs and gradients, to bf16 rounding, for grouped-query heads too."""
+    torch.manual_seed(0)
+    n, length, heads, d = 3, 256, 8, 64
+    kv = 2 if gqa else heads
+    cu = torch.arange(0, (n + 1) * length, length, dtype=torch.int32, device="cuda")
+    flat = varlen.Flat(None, None, None, cu, length)
+    q, k, v = (torch.randn(n * length, h, d, device="cuda", dtype=torch.bfloat16) for h in (heads, kv, kv))
+    grad = torch.randn(n * length, heads, d, device="cuda", dtype=torch.bfloat16)
+    dense_calls = []
+    real = varlen._dense
+    monkeypatch.setattr(varlen, "_dense", lambda *a: dense_calls.append(1) or real(*a))
+
+    def run(dense):
+        q_, k_, v_ = (t.clone().requires_grad_() for t in (q, k, v))
+        out = varlen.attention(q_, k_, v_, flat, d**-0.5, dense=dense)
+        out.backward(grad)
+        return [out, q_.grad, k_.grad, v_.grad]
+
+    for ours, want in zip(run(True), run(False), strict=True):
+        assert float((ours.float() - want.float()).norm() / want.float().norm()) < 1e-2
+    assert len(dense_calls) == 1  # the first run went the dense way, the second did not
 
 
 @pytest.mark.parametrize("quantized", [False, True])

@@ -88,14 +88,18 @@ CASES = {
 }
 
 # the danlu variants: None is danlu's plain path (train.fast=off), the rest are fast.Options
-FULL = ("danlu fast (train.fast=auto)", fast.ALL)
+FULL = ("danlu fast (train.fast=auto)", fast.ALL)  # after the ablation: + cuDNN attention, equal lengths
 ABLATION = [
     ("danlu plain (train.fast=off)", None),
     ("+ chunked loss", fast.LOSS_ONLY),
-    ("+ padding-free varlen attention", fast.Options(fused=False, lora=False, compile=False, offload=False)),
-    ("+ fused RMSNorm/RoPE/SwiGLU", fast.Options(lora=False, compile=False, offload=False)),
-    ("+ LoRA inside the matmul", fast.Options(compile=False, offload=False)),
-    ("+ each layer compiled", fast.Options(offload=False)),
+    (
+        "+ padding-free varlen attention",
+        fast.Options(fused=False, lora=False, compile=False, offload=False, dense=False),
+    ),
+    ("+ fused RMSNorm/RoPE/SwiGLU", fast.Options(lora=False, compile=False, offload=False, dense=False)),
+    ("+ LoRA inside the matmul", fast.Options(compile=False, offload=False, dense=False)),
+    ("+ each layer compiled", fast.Options(offload=False, dense=False)),
+    ("+ layer inputs in CPU memory", fast.Options(dense=False)),
 ]
 
 

@@ -63,7 +63,7 @@ def hidden_states(lm: Any, flat: Flat, options: Options) -> torch.Tensor:
     cos, sin = decoder.rotary_emb(x, flat.position_ids.unsqueeze(0))
     cos, sin = cos[0], sin[0]
     whole = compiles_layers(lm, options, x.device)
-    ops = _Ops(x.device, options.fused and not whole, options.lora)
+    ops = _Ops(x.device, options.fused and not whole, options.lora, options.dense)
     offload = _offloader(options, x.device)
     # a 4-bit base's compiled checkpoint must be told to dequantize again rather than keep the result
     saved = _checkpointed_4bit if whole and getattr(lm, "hf_quantizer", None) is not None else _checkpointed
@@ -96,11 +96,12 @@ def compiles_layers(lm: Any, options: Options, device: torch.device) -> bool:
 
 
 class _Ops:
-    def __init__(self, device: torch.device, fused: bool, fused_lora: bool) -> None:
+    def __init__(self, device: torch.device, fused: bool, fused_lora: bool, dense: bool) -> None:
         self.rms_norm = kernels.pick(kernels.rms_norm, fused, device)
         self.rope = kernels.pick(kernels.rope, fused, device)
         self.swiglu = kernels.pick(kernels.swiglu, fused, device)
         self.project = lora.project if fused_lora else _plain_project
+        self.dense = dense
 
 
 def _checkpointed(
@@ -178,7 +179,7 @@ def _layer(
     h = ops.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
     q, k, v = ops.project([attn.q_proj, attn.k_proj, attn.v_proj], h)
     q, k = ops.rope(q.unflatten(-1, (-1, attn.head_dim)), k.unflatten(-1, (-1, attn.head_dim)), cos, sin)
-    o = attention(q, k, v.unflatten(-1, (-1, attn.head_dim)), flat, attn.scaling)
+    o = attention(q, k, v.unflatten(-1, (-1, attn.head_dim)), flat, attn.scaling, ops.dense)
     x = x + ops.project([attn.o_proj], o.flatten(-2))[0]
     norm = layer.post_attention_layernorm
     h = ops.rms_norm(x, norm.weight, norm.variance_epsilon)

@@ -4,7 +4,8 @@ A batch (padded rows with an attention mask, or packed rows with restarting posi
 :func:`danlu.data.dataset.collate` makes them) becomes one row of only its real tokens; the
 sequences in it are told apart by ``cu_seqlens``, their start offsets (int32, ``n + 1`` values).
 No compute is spent on padding, and attention runs on each sequence alone: on CUDA through
-torch's variable-length flash attention (``torch.nn.attention.varlen``), elsewhere through
+torch's variable-length flash attention (``torch.nn.attention.varlen``), or, when every sequence
+has the same length, as an ordinary batch through cuDNN's faster fused attention; elsewhere through
 ``scaled_dot_product_attention`` one sequence at a time (the same numbers, for tests on the CPU).
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from danlu.data.render import IGNORE
 from danlu.fast.kernels import compute_dtype
@@ -57,11 +59,16 @@ def flatten(batch: dict[str, torch.Tensor]) -> Flat:
     return Flat(ids, positions, targets, cu, int((ends - starts).max()))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flat: Flat, scale: float) -> torch.Tensor:
-    """Causal attention within each sequence: ``q`` [T, heads, d], ``k``/``v`` [T, kv heads, d]."""
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flat: Flat, scale: float, dense: bool = True
+) -> torch.Tensor:
+    """Causal attention within each sequence: ``q`` [T, heads, d], ``k``/``v`` [T, kv heads, d].
+    ``dense``: sequences of equal length go through cuDNN as an ordinary batch."""
     # under autocast the projections come out in the autocast dtype, but rotary angles kept in fp32
     # (fp32 weights: full fine-tuning) promote q and k back; flash attention takes fp16/bf16 only
     dtype = compute_dtype(q)
+    if dense and q.is_cuda and dtype in (torch.float16, torch.bfloat16) and uniform(flat, q.shape[0]):
+        return _dense(q.to(dtype), k.to(dtype), v.to(dtype), flat.cu_seqlens.numel() - 1, scale)
     if q.is_cuda and _varlen_attn is not None and dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return _varlen_attn(
@@ -83,6 +90,35 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flat: Flat, sca
         out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=scale, enable_gqa=gqa)
         parts.append(out[0].transpose(0, 1))
     return torch.cat(parts)
+
+
+def uniform(flat: Flat, tokens: int) -> bool:
+    """Whether every sequence of ``flat`` has the same length (full rows of a padded batch, or
+    rows packed to a fixed length), known without waiting for the GPU."""
+    return (flat.cu_seqlens.numel() - 1) * flat.max_len == tokens
+
+
+def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scale: float) -> torch.Tensor:
+    """Causal attention over ``n`` sequences of equal length laid out as a [n, heads, L, d] batch,
+    where cuDNN's fused attention runs (grouped-query heads included): on the H100 at 2 x 2048
+    tokens, 32 heads of 128, its forward and backward took 0.71 ms against 1.27 ms for the
+    variable-length flash kernel (forward alone 0.15 against 0.44). Flash attention stands in
+    where cuDNN's does not apply."""
+    tokens, heads, d = q.shape
+    q_, k_, v_ = (t.view(n, tokens // n, t.shape[1], d).transpose(1, 2) for t in (q, k, v))
+    with sdpa_kernel(_DENSE_BACKENDS, set_priority=True):
+        out = F.scaled_dot_product_attention(
+            q_, k_, v_, is_causal=True, scale=scale, enable_gqa=k.shape[1] != heads
+        )
+    return out.transpose(1, 2).reshape(tokens, heads, d)
+
+
+_DENSE_BACKENDS = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
 def _causal_keywords() -> dict[str, Any]:
