@@ -190,9 +190,11 @@ def _case(
     if case.varlen:  # warmup and timed steps see different samples; both paths the same ones
         warm, timed = _varlen_samples(shape["vocab_size"], s)
         b = s.varlen_batch
-        base_batches = ([_padded(warm[i : i + b]) for i in range(0, len(warm), b)],
+        base_batches = ([_padded(warm[i : i + b]) for i in range(0, b * s.warmup, b)],
                         [_padded(timed[i : i + b]) for i in range(0, len(timed), b)])  # fmt: skip
-        fast_batches = (_packed(warm, s.pack_tokens), _packed(timed, s.pack_tokens))
+        # the compiled layers compile three times over the first distinct sizes (fixed, then dynamic
+        # token counts, then dynamic sequence counts): the warmup packs enough samples for that
+        fast_batches = (_packed(warm, s.pack_tokens)[: max(s.warmup, 3)], _packed(timed, s.pack_tokens))
     else:
         rows = _rows(shape["vocab_size"], s.batch * (s.steps + s.warmup), s.seq, seed=1)
         padded = [_padded(rows[i : i + s.batch]) for i in range(0, len(rows), s.batch)]
@@ -380,16 +382,19 @@ def _rows(vocab: int, n: int, length: int, seed: int) -> list[Sample]:
     return [(_sentence(rng, words, weights, length), 0) for _ in range(n)]
 
 
+WARM_SAMPLES = 80  # for the baseline's warmup batches of 8 and at least three packed ones (~20 samples each)
+
+
 def _varlen_samples(vocab: int, s: Settings) -> tuple[list[Sample], list[Sample]]:
     """Warmup and timed samples: log-normal lengths, median 180, clipped to 32..1024; prompt 30%."""
     words, weights = _words(vocab, 2)
     rng = random.Random(2)
-    n = s.warmup * s.varlen_batch + s.varlen_samples
+    n = WARM_SAMPLES + s.varlen_samples
     lengths = [min(1024, max(32, int(rng.lognormvariate(math.log(180), 0.75)))) for _ in range(n)]
     if s.smoke:
         lengths = [max(8, x // 16) for x in lengths]
     samples = [(_sentence(rng, words, weights, x), int(0.3 * x)) for x in lengths]
-    return samples[: s.warmup * s.varlen_batch], samples[s.warmup * s.varlen_batch :]
+    return samples[:WARM_SAMPLES], samples[WARM_SAMPLES:]
 
 
 def _padded(rows: list[Sample]) -> dict[str, torch.Tensor]:
