@@ -5,8 +5,9 @@ an fp32 copy for the loss, and autograd keeps both for the backward: on Llama-3-
 128,256) at 2 × 2048 tokens that is about 7 GiB, more than the 4-bit weights. Here the decoder's
 hidden states go to the loss instead, and only the positions that are trained (assistant tokens)
 are projected onto the vocabulary, a chunk of :data:`CHUNK` tokens at a time, and each chunk's
-gradient is computed right there (softmax minus one-hot, in the logits' own memory), so at most
-one chunk's logits exist at any moment and the head's matmul is never recomputed. The result is
+gradient is computed right there (softmax minus one-hot: on CUDA one compiled step over the
+chunk's bf16 logits, elsewhere in the fp32 logits' own memory), so at most one chunk's logits
+exist at any moment and the head's matmul is never recomputed. The result is
 the same summed cross-entropy as the plain path, to float rounding.
 
 Where :mod:`danlu.fast.decoder` supports the architecture (and ``Options.varlen``), the hidden
