@@ -93,17 +93,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden, dtype=dtype) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        fused = kernels.can_compile(hidden.device)
+        grads = grad_hidden is not None or grad_weight is not None
+        fused = grads and kernels.can_compile(hidden.device)
         for start in range(0, targets.numel(), CHUNK):
             h, t = hidden[start : start + CHUNK].to(dtype), targets[start : start + CHUNK]
-            if fused and (grad_hidden is not None or grad_weight is not None):
+            if fused:
                 loss, grad = _fused_chunk(F.linear(h, w), t)  # no fp32 copy of the chunk's logits
                 total += loss
             else:
                 logits = F.linear(h, w).float()
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-                if grad_hidden is None and grad_weight is None:
+                if not grads:
                     continue
                 grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
                 grad[torch.arange(t.numel(), device=t.device), t] -= 1.0
