@@ -14,13 +14,12 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from danlu import distributed, zero
 from danlu.config import load_config
 from danlu.errors import UserError
 from danlu.train import check_strategy, train
-from test_distributed import assert_same_weights, losses, run_danlu, write_config
+from test_distributed import assert_resumes_the_same, assert_same_weights, losses, run_danlu, write_config
 
 needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed not installed (danlu[deepspeed])"
@@ -39,6 +38,22 @@ def data(tmp_path):
     return write_jsonl(tmp_path / "d.jsonl", RECORDS)
 
 
+def one_and_two(tmp_path, tiny_model_dir, data, strategy: str, save_every: int, **extra):
+    """One process at batch 4 (in ``one/``), then two at batch 2 under ``strategy`` (in ``two/``,
+    launched as a user would): returns the first's result, the second's folder and config."""
+    one = train(
+        load_config(write_config(tmp_path / "one.yaml", tiny_model_dir, data, tmp_path / "one", **extra)),
+        progress=False,
+    )
+    out = tmp_path / "two"
+    cfg = write_config(
+        tmp_path / "two.yaml", tiny_model_dir, data, out,
+        batch_size=2, strategy=strategy, save_every=save_every, **extra,
+    )  # fmt: skip
+    run_danlu("train", str(cfg), "--nproc", "2", "--no-progress")
+    return one, out, cfg
+
+
 def metric(out, name: str) -> dict[int, object]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r[name] for r in rows if name in r}
@@ -54,22 +69,7 @@ def test_zero2_lora_matches_one_process_and_resumes(tiny_model_dir, data, tmp_pa
     # a schedule that moves the rate at every step: the engine must use danlu's scheduler, and a
     # resume must restore it with the optimizer state
     extra = {"grad_accum": 2, "scheduler": "linear", "warmup_steps": 2}
-    one = train(
-        load_config(write_config(tmp_path / "one.yaml", tiny_model_dir, data, tmp_path / "one", **extra)),
-        progress=False,
-    )
-    out = tmp_path / "two"
-    cfg = write_config(
-        tmp_path / "two.yaml",
-        tiny_model_dir,
-        data,
-        out,
-        batch_size=2,
-        strategy="zero2",
-        save_every=3,
-        **extra,
-    )
-    run_danlu("train", str(cfg), "--nproc", "2", "--no-progress")
+    one, out, cfg = one_and_two(tmp_path, tiny_model_dir, data, "zero2", 3, **extra)
 
     a, b = losses(tmp_path / "one"), losses(out)
     assert sorted(b) == list(range(1, 7))
@@ -86,15 +86,7 @@ def test_zero2_lora_matches_one_process_and_resumes(tiny_model_dir, data, tmp_pa
     assert (ckpt / "adapter_config.json").is_file() and (ckpt / "deepspeed" / "zero").is_dir()
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
-    first_adapter = load_file(out / "final" / "adapter_model.safetensors")
-    run_danlu("train", str(cfg), "--nproc", "2", "--resume", "--no-progress")
-    again = losses(out)
-    assert sorted(again) == list(range(1, 7))
-    for step in range(4, 7):
-        assert again[step] == pytest.approx(b[step], abs=1e-5), step
-    resumed = load_file(out / "final" / "adapter_model.safetensors")
-    for key in first_adapter:
-        torch.testing.assert_close(resumed[key], first_adapter[key], atol=1e-5, rtol=0)
+    assert_resumes_the_same(cfg, out, b)
 
     # a DeepSpeed checkpoint does not turn into a DDP one
     proc = run_danlu(
@@ -108,22 +100,7 @@ def test_zero2_lora_matches_one_process_and_resumes(tiny_model_dir, data, tmp_pa
 @needs_deepspeed
 def test_zero3_full_tuning_matches_one_process_and_resumes(tiny_model_dir, data, tmp_path):
     extra = {"method": "full", "lr": 1e-3, "eval_prompts": ["What is 3 times 3?"]}
-    one = train(
-        load_config(write_config(tmp_path / "one.yaml", tiny_model_dir, data, tmp_path / "one", **extra)),
-        progress=False,
-    )
-    out = tmp_path / "two"
-    cfg = write_config(
-        tmp_path / "two.yaml",
-        tiny_model_dir,
-        data,
-        out,
-        batch_size=2,
-        strategy="zero3",
-        save_every=4,
-        **extra,
-    )
-    run_danlu("train", str(cfg), "--nproc", "2", "--no-progress")
+    one, out, cfg = one_and_two(tmp_path, tiny_model_dir, data, "zero3", 4, **extra)
     a, b = losses(tmp_path / "one"), losses(out)
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-4), step

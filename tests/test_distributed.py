@@ -73,6 +73,20 @@ def assert_same_weights(a, b, name, atol):
         torch.testing.assert_close(wb[key], wa[key], atol=atol, rtol=0, msg=key)
 
 
+def assert_resumes_the_same(cfg, out, before: dict[int, float]) -> None:
+    """Resume ``cfg``'s two-process run from its step-3 checkpoint: steps 4-6 and the final
+    adapter come out as the first time (``before``: that run's losses)."""
+    first_adapter = load_file(out / "final" / "adapter_model.safetensors")
+    run_danlu("train", str(cfg), "--nproc", "2", "--resume", "--no-progress")
+    again = losses(out)
+    assert sorted(again) == list(range(1, 7))
+    for step in range(4, 7):
+        assert again[step] == pytest.approx(before[step], abs=1e-5), step
+    resumed = load_file(out / "final" / "adapter_model.safetensors")
+    for key in first_adapter:
+        torch.testing.assert_close(resumed[key], first_adapter[key], atol=1e-5, rtol=0)
+
+
 @pytest.fixture
 def data(tmp_path):
     return write_jsonl(tmp_path / "d.jsonl", RECORDS)
@@ -108,21 +122,13 @@ def test_ddp_checkpoint_and_resume(tiny_model_dir, data, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, data, out, batch_size=2, save_every=3)
     run_danlu("train", str(cfg), "--nproc", "2", "--no-progress")
     first = losses(out)
-    first_adapter = load_file(out / "final" / "adapter_model.safetensors")
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
 
     # one process cannot continue a two-process run: the global batch would change
     with pytest.raises(UserError, match="written by 2 processes"):
         train(load_config(cfg), resume=True, progress=False)
 
-    run_danlu("train", str(cfg), "--nproc", "2", "--resume", "--no-progress")
-    again = losses(out)
-    assert sorted(again) == list(range(1, 7))
-    for step in range(4, 7):
-        assert again[step] == pytest.approx(first[step], abs=1e-5), step
-    resumed = load_file(out / "final" / "adapter_model.safetensors")
-    for key in first_adapter:
-        torch.testing.assert_close(resumed[key], first_adapter[key], atol=1e-5, rtol=0)
+    assert_resumes_the_same(cfg, out, first)
 
 
 @pytest.mark.slow
