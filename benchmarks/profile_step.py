@@ -3,13 +3,18 @@
     PYTHONPATH=src python benchmarks/profile_step.py [--shape llama3-8b] [--path fast|baseline] [--top 25]
 
 Builds the shape's random-weight model as `danlu bench` does, runs 3 warmup steps, profiles one
-step with torch.profiler and prints the kernels by total CUDA time (and the step's total).
+step with torch.profiler and prints the kernels by total CUDA time, then the GPU time by kind of
+kernel (matmul, attention, Triton, copies, other) against the step's wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import time
+from collections import Counter
 
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from danlu import bench, fast
@@ -21,6 +26,10 @@ def main() -> None:
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--path", default="fast", choices=["fast", "baseline"])
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--cpu", action="store_true", help="record CPU operations too (slows the step down)")
+    ap.add_argument(
+        "--gaps", type=int, default=15, help="list the N longest stretches with no compute kernel"
+    )
     args = ap.parse_args()
     shape = SHAPES[args.shape]
     model_type = "qwen2" if args.shape.startswith("qwen") else "llama"
@@ -30,9 +39,56 @@ def main() -> None:
     rows = bench._rows(shape["vocab_size"], 8, 2048, seed=1)
     batches = [bench._padded(rows[i : i + 2]) for i in range(0, 8, 2)]
     bench._measure("warmup", model, optimizer, step, batches[:3], [], "cuda")
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CUDA, ProfilerActivity.CPU] if args.cpu else [ProfilerActivity.CUDA]
+    with profile(activities=activities) as prof:
+        tic = time.perf_counter()
         bench._measure("profiled", model, optimizer, step, [], batches[3:], "cuda")
+        wall = time.perf_counter() - tic
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70))
+    kernels = sorted(
+        (e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start
+    )
+    kinds: Counter[str] = Counter()
+    for event in kernels:
+        kinds[kind(event.name)] += event.time_range.elapsed_us() / 1e3
+    print(
+        f"step wall {wall * 1e3:.1f} ms (profiled), kernel time {sum(kinds.values()):.1f} ms (streams overlap):"
+    )
+    for name, ms in kinds.most_common():
+        print(f"  {name:10s} {ms:8.1f} ms")
+    gaps(kernels, args.gaps)
+
+
+def gaps(kernels: list, n: int) -> None:
+    """Print how long no compute kernel ran (copies between CPU and GPU do not count) and the longest gaps."""
+    compute = [e for e in kernels if not re.search(r"Memcpy [DH]to[DH] \((Device|Pinned)", e.name)]
+    found, end, last = [], compute[0].time_range.end, compute[0]
+    for e in compute[1:]:
+        if e.time_range.start > end:
+            found.append((e.time_range.start - end, last.name, e.name))
+        if e.time_range.end > end:
+            end, last = e.time_range.end, e
+    span = (end - compute[0].time_range.start) / 1e3
+    idle = sum(g for g, _, _ in found) / 1e3
+    print(
+        f"first to last compute kernel {span:.1f} ms, no compute kernel running for {idle:.1f} ms "
+        f"({len(found)} gaps, {sum(1 for g in found if g[0] > 100)} over 100 us); longest:"
+    )
+    for g, before, after in sorted(found, reverse=True)[:n]:
+        print(f"  {g / 1e3:7.3f} ms  after {before[:60]}  before {after[:60]}")
+
+
+KINDS = [  # first match wins
+    ("attention", r"flash|fmha|cudnn|attn|sdpa"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|splitK"),
+    ("triton", r"^triton_"),
+    ("copy", r"[Mm]emcpy|[Mm]emset|copy|Cat|DtoD|HtoD|DtoH"),
+]
+
+
+def kind(name: str) -> str:
+    """The kind of GPU work a kernel's name says it is."""
+    return next((k for k, pattern in KINDS if re.search(pattern, name)), "other")
 
 
 if __name__ == "__main__":

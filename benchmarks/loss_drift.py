@@ -1,0 +1,111 @@
+"""How far each training path's loss curve drifts from fp32 training, over the bench's steps.
+
+    PYTHONPATH=src python benchmarks/loss_drift.py [--shape llama3-8b] [--layers 8] [--steps 53]
+        [--paths fp32,baseline,plain,fast,fast-eager-rounding] [--out FILE] [--smoke]
+
+Builds the shape's random-weight model (cut to ``--layers`` decoder layers) and trains LoRA (r16,
+all linear layers, AdamW lr 2e-4, the bench's settings) on the bench's batches (2 x 2048, the
+same data and seed as ``danlu bench``), once per path, each from the same start:
+
+- ``fp32``: danlu's plain path with fp32 weights and fp32 arithmetic (TF32 off): the reference;
+- ``baseline``: transformers + peft under bf16 autocast, as ``danlu bench`` runs it;
+- ``plain``: danlu's plain path (train.fast=off), bf16 autocast;
+- ``fast``: danlu's fast path (train.fast=auto), bf16 autocast;
+- ``fast-eager-rounding``: the fast path with Inductor told to round every fused intermediate to
+  bf16 where the eager operations would (``emulate_precision_casts``).
+
+Prints and writes each path's losses and its largest and mean relative difference from the fp32
+reference's loss and from the baseline's. ``--smoke`` runs the flow on the CPU with the bench's
+tiny shape (rows of 64 tokens; no compiling there, so the two fast paths are the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from danlu import bench, fast
+from danlu.fast import decoder, kernels
+from danlu.plan import SHAPES
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=53)
+    ap.add_argument("--paths", default="fp32,baseline,plain,fast,fast-eager-rounding")
+    ap.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "loss_drift.json"))
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    device, seq = ("cpu", 64) if args.smoke else ("cuda", 2048)
+    base = bench.SMOKE_SHAPE if args.smoke else SHAPES[args.shape]
+    shape = dict(base, num_hidden_layers=args.layers)
+    model_type = "qwen2" if args.shape.startswith("qwen") else "llama"
+    rows = bench._rows(shape["vocab_size"], 2 * args.steps, seq, seed=1)
+    batches = [bench._padded(rows[i : i + 2]) for i in range(0, len(rows), 2)]
+    report: dict = {
+        "command": "python benchmarks/loss_drift.py " + " ".join(sys.argv[1:]),
+        "environment": bench._environment(device),
+        "shape": args.shape,
+        "layers": args.layers,
+        "steps": args.steps,
+        "paths": {},
+    }
+    for path in args.paths.split(","):
+        report["paths"][path] = {"losses": train(path, shape, model_type, batches, device)}
+        print(path, " ".join(f"{x:.4f}" for x in report["paths"][path]["losses"]), flush=True)
+    for against in ("fp32", "baseline"):
+        if against not in report["paths"]:
+            continue
+        ref = report["paths"][against]["losses"]
+        for path, r in report["paths"].items():
+            rel = [abs(a - b) / b for a, b in zip(r["losses"], ref, strict=True)]
+            signed = [(a - b) / b for a, b in zip(r["losses"], ref, strict=True)]
+            r[f"vs_{against}"] = {
+                "max": max(rel),
+                "mean": statistics.fmean(rel),
+                "mean_signed": statistics.fmean(signed),
+            }
+            print(
+                f"{path:22s} vs {against:8s}: max {max(rel):.4%}  mean {statistics.fmean(rel):.4%}  "
+                f"mean signed {statistics.fmean(signed):+.4%}"
+            )
+    Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+def train(path: str, shape: dict, model_type: str, batches: list[dict], device: str) -> list[float]:
+    torch._dynamo.reset()  # each path compiles afresh, under its own Inductor settings
+    decoder._compiled.cache_clear()
+    kernels._compiled.cache_clear()
+    torch._inductor.config.emulate_precision_casts = path == "fast-eager-rounding"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    model, optimizer = bench._load(shape, model_type, device, None, None, path == "baseline")
+    if path == "fp32":
+        model.float()
+    step = {
+        "baseline": bench._baseline_step,
+        "fast": bench._danlu_step(fast.ALL),
+        "fast-eager-rounding": bench._danlu_step(fast.ALL),
+    }.get(path, bench._danlu_step(None))
+    losses = []
+    for batch in batches:
+        b = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=path != "fp32"):
+            loss = step(model, b)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    del model, optimizer
+    bench.free_memory()
+    return losses
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The benchmark scripts' own logic: loss_drift.py's flow on the CPU, profile_step.py's kernel sums."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_loss_drift_trains_every_path_from_the_same_start_and_compares_with_fp32(tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "drift.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    args = [
+        "--smoke",
+        "--layers",
+        "2",
+        "--steps",
+        "4",
+        "--paths",
+        "fp32,baseline,plain,fast",
+        "--out",
+        str(out),
+    ]
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/loss_drift.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    paths = report["paths"]
+    assert list(paths) == ["fp32", "baseline", "plain", "fast"]
+    ref = paths["fp32"]["losses"]
+    assert len(ref) == 4 and abs(ref[-1] - ref[0]) / ref[0] > 3e-3  # it trained
+    assert paths["fp32"]["vs_fp32"]["max"] == 0.0
+    for name, path in paths.items():
+        assert path["losses"][0] == pytest.approx(ref[0], rel=1e-2), name  # the same start
+        worst = max(abs(a - b) / b for a, b in zip(path["losses"], ref, strict=True))
+        assert path["vs_fp32"]["max"] == pytest.approx(worst)
+        assert worst < 1e-3, name  # bf16 rounding, not a different (or no) training
+    assert paths["baseline"]["vs_baseline"]["max"] == 0.0
+    assert "vs fp32" in run.stdout and report["environment"]["torch"]
+
+
+def _kernel(name: str, start: float, end: float) -> SimpleNamespace:
+    return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end))
+
+
+def test_profile_kinds_and_gaps_leave_out_copies_to_and_from_the_cpu(capsys):
+    profile_step = _script("profile_step")
+    assert profile_step.kind("nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_TNT") == "matmul"
+    assert profile_step.kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
+    assert profile_step.kind("triton_poi_fused_add_mul_silu_11") == "triton"
+    assert profile_step.kind("Memcpy DtoH (Device -> Pinned)") == "copy"
+    assert profile_step.kind("void at::native::reduce_kernel<512, 1>") == "other"
+    kernels = [
+        _kernel("gemm", 0, 100),
+        _kernel("Memcpy DtoH (Device -> Pinned)", 100, 900),  # overlaps: compute still idles
+        _kernel("triton_a", 300, 400),
+        _kernel("gemm", 350, 500),  # overlaps the one before: no gap
+        _kernel("gemm", 1000, 1100),
+    ]
+    profile_step.gaps(kernels, 5)
+    out = capsys.readouterr().out
+    assert "first to last compute kernel 1.1 ms, no compute kernel running for 0.7 ms (2 gaps" in out
+    lines = [line.split() for line in out.splitlines()[1:]]
+    assert [line[0] for line in lines] == ["0.500", "0.200"]  # longest first
+    assert lines[0][2:] == ["after", "gemm", "before", "gemm"]
+    assert lines[1][2:] == ["after", "gemm", "before", "triton_a"]
