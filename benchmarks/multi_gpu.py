@@ -5,7 +5,9 @@ Two cases, each run through `danlu train CONFIG --nproc N` (torchrun, NCCL) for 
 - ``ddp-lora-8b``: Llama-3-8B shape, LoRA r16 on all linear layers, DDP, 2 × 2048 tokens per
   micro-batch and process, gradient checkpointing; global batch 4 sequences (1 GPU accumulates 2
   micro-batches, 2 GPUs one each, 4 GPUs ... per process batch 1).
-- ``fsdp-full-1b``: Llama-3.2-1B shape, full fine-tuning under FSDP2, same batches.
+- ``fsdp-full-1b``: Llama-3.2-1B shape, full fine-tuning under FSDP2, same batches;
+- ``ddp-lora-8b-plain``: ``ddp-lora-8b`` with ``train.fast=off`` (transformers' own forward), to
+  compare; not run unless asked for with ``--cases``.
 
 Random bf16 weights (speed does not depend on the values), SmolLM2's tokenizer (ids are valid
 rows of the larger vocabulary), text records cut to exactly 2048 tokens. From each run's
@@ -48,6 +50,8 @@ CASES: dict[str, tuple[str, list[str]]] = {
     ),
     "fsdp-full-1b": ("llama-1b", ["train.strategy=fsdp", "train.method=full", "train.lr=1e-5"]),
 }
+# the same DDP LoRA run through the plain transformers path, for comparison with the fast path
+CASES["ddp-lora-8b-plain"] = (CASES["ddp-lora-8b"][0], [*CASES["ddp-lora-8b"][1], "train.fast=off"])
 
 
 def run_case(name: str, model: Path, data: Path, work: Path, gpus: int, steps: int) -> dict[str, Any]:
@@ -89,6 +93,8 @@ def run_case(name: str, model: Path, data: Path, work: Path, gpus: int, steps: i
     if proc.returncode != 0:
         record["error"] = proc.stderr[-3000:]
         return record
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "fast path: " in line]
+    record["fast_path"] = said[0].split("fast path: ", 1)[1] if said else "off"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     timed = [r["tokens_per_s"] for r in rows[2:]]
@@ -105,7 +111,7 @@ def run_case(name: str, model: Path, data: Path, work: Path, gpus: int, steps: i
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpus", default=None, help="process counts, e.g. 1,2 (default: 1 and all GPUs)")
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default="ddp-lora-8b,fsdp-full-1b")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--workdir", default=None)

@@ -93,17 +93,23 @@ def data(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_of_batch_2_match_one_of_batch_4(tiny_model_dir, data, tmp_path):
+@pytest.mark.parametrize("fast", ["auto", "off"])
+def test_ddp_two_processes_of_batch_2_match_one_of_batch_4(tiny_model_dir, data, tmp_path, fast):
     one = train(
         load_config(
-            write_config(tmp_path / "one.yaml", tiny_model_dir, data, tmp_path / "one", grad_accum=2)
+            write_config(
+                tmp_path / "one.yaml", tiny_model_dir, data, tmp_path / "one", grad_accum=2, fast=fast
+            )
         ),
         progress=False,
     )
     cfg = write_config(
-        tmp_path / "two.yaml", tiny_model_dir, data, tmp_path / "two", batch_size=2, grad_accum=2
+        tmp_path / "two.yaml", tiny_model_dir, data, tmp_path / "two", batch_size=2, grad_accum=2, fast=fast
     )
-    run_danlu("train", str(cfg), "--nproc", "2", "--no-progress")
+    proc = run_danlu("train", str(cfg), "--nproc", "2", "--no-progress")
+    # under DDP too, auto takes the fast path (its loss inside DDP's forward), off the plain one
+    said = "fast path: padding-free decoder" in proc.stdout + proc.stderr
+    assert said == (fast == "auto")
 
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(b) == list(range(1, 7))

@@ -6,6 +6,10 @@ Marked ``gpu``: skipped without CUDA, run on the device machine; results are com
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -23,27 +27,44 @@ RECORDS = [
 ]
 
 
-def run(tiny_model_dir, tmp_path, *extra):
+def settings(tiny_model_dir, tmp_path, *extra) -> list[str]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = write_jsonl(tmp_path / "d.jsonl", RECORDS)
-    cfg = load_config(
-        None,
-        [
-            f"model.path={tiny_model_dir}",
-            f"data.path={data}",
-            "data.cache=false",
-            f"output.dir={tmp_path / 'run'}",
-            "output.tensorboard=false",
-            "lora.r=8",
-            "lora.alpha=16",
-            "lora.dropout=0",
-            "train.batch_size=8",
-            "train.scheduler=constant",
-            "train.max_steps=15",
-            "train.lr=5e-2",
-            *extra,
-        ],
+    return [
+        f"model.path={tiny_model_dir}",
+        f"data.path={data}",
+        "data.cache=false",
+        f"output.dir={tmp_path / 'run'}",
+        "output.tensorboard=false",
+        "lora.r=8",
+        "lora.alpha=16",
+        "lora.dropout=0",
+        "train.batch_size=8",
+        "train.scheduler=constant",
+        "train.max_steps=15",
+        "train.lr=5e-2",
+        *extra,
+    ]
+
+
+def run(tiny_model_dir, tmp_path, *extra):
+    return train(load_config(None, settings(tiny_model_dir, tmp_path, *extra)), progress=False)
+
+
+def run_torchrun(tiny_model_dir, tmp_path, *extra) -> tuple[subprocess.CompletedProcess, list[float]]:
+    """The same run as :func:`run` launched as one torchrun process (NCCL): its output and losses."""
+    args = settings(tiny_model_dir, tmp_path, *extra)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "danlu", "train", str(cfg), *args, "--nproc", "1", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    return train(cfg, progress=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return proc, [r["loss"] for r in rows if "loss" in r]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -135,39 +156,21 @@ def test_engine_in_4_bits_and_with_a_device_map_on_cuda(tiny_model_dir):
 )
 def test_torchrun_on_one_gpu_with_nccl(tiny_model_dir, tmp_path, extra):
     """The multi-process code paths (NCCL, DDP, FSDP2 mixed precision) with one process."""
-    import json
-    import subprocess
-    import sys
-
     if "model.quantization=nf4" in extra:
         pytest.importorskip("bitsandbytes")
-    data = write_jsonl(tmp_path / "d.jsonl", RECORDS)
-    out = tmp_path / "run"
-    args = [
-        f"model.path={tiny_model_dir}",
-        f"data.path={data}",
-        f"output.dir={out}",
-        "output.tensorboard=false",
-        "train.batch_size=8",
-        "train.max_steps=15",
-        "train.lr=5e-2",
-        "train.scheduler=constant",
-        "train.save_every=10",
-        *extra,
-    ]
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("model: {}\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "danlu", "train", str(cfg), *args, "--nproc", "1", "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "loss" in r]
+    _, losses = run_torchrun(tiny_model_dir, tmp_path, "train.save_every=10", *extra)
     assert len(losses) == 15 and losses[-1] < losses[0]
+    out = tmp_path / "run"
     assert (out / "checkpoint-10").is_dir() and (out / "final").is_dir()
+
+
+def test_ddp_takes_the_compiled_fast_path_and_matches_one_process_on_cuda(tiny_model_dir, tmp_path):
+    one = run(tiny_model_dir, tmp_path / "one")
+    proc, losses = run_torchrun(tiny_model_dir, tmp_path / "ddp", "train.strategy=ddp")
+    said = proc.stdout + proc.stderr
+    assert "fast path: padding-free decoder, variable-length attention, each layer compiled" in said
+    assert losses == pytest.approx(one.losses, rel=1e-3)  # one rank: DDP's reduction changes nothing
+    assert losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize("lengths", ["mixed", "equal"])

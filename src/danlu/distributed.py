@@ -197,9 +197,13 @@ def full_state(model: Any, world: World) -> dict[str, torch.Tensor] | None:
 
 
 def unwrap(model: Any) -> Any:
-    """The model without DDP's or DeepSpeed's wrapper (FSDP2 shards in place: nothing to take off)."""
+    """The model without DDP's or DeepSpeed's wrapper and the fast path's loss module around it
+    (FSDP2 shards in place: nothing to take off)."""
+    from danlu.fast.loss import Objective
+
     wrapped = hasattr(model, "require_backward_grad_sync") or type(model).__name__ == "DeepSpeedEngine"
-    return model.module if hasattr(model, "module") and wrapped else model
+    inner = model.module if hasattr(model, "module") and wrapped else model
+    return inner.model if isinstance(inner, Objective) else inner
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:

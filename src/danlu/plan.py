@@ -357,7 +357,7 @@ def estimate(cfg: Config, model_config: dict | Any) -> Plan:
     # train.fast: the loss projects at most fast.CHUNK trained tokens onto the vocabulary at once
     logits = LOGIT_BYTES * (min(t, CHUNK) if cfg.train.fast == "auto" else t) * s.vocab
     if cfg.train.gradient_checkpointing:
-        # train.fast (one process, a Llama-family decoder) keeps the layers' inputs in CPU memory:
+        # train.fast (one process or DDP, a Llama-family decoder) keeps the layers' inputs in CPU memory:
         # on the GPU at most the one being copied out and the one coming back
         kept = min(blocks, 2) if cfg.train.fast == "auto" else blocks
         held, recompute = kept * t * resid * s.hidden, layer

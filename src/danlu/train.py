@@ -30,6 +30,7 @@ from danlu.data.dataset import build, collate, micro_batches
 from danlu.data.render import IGNORE, Sample
 from danlu.data.templates import apply_template
 from danlu.errors import UserError
+from danlu.fast.loss import Objective as FastObjective
 from danlu.fast.loss import describe as fast_describe
 from danlu.fast.loss import loss_sum as fast_loss_sum
 from danlu.fast.loss import supports as fast_loss_supports
@@ -37,6 +38,9 @@ from danlu.methods import make_optimizer, prepare
 from danlu.tracking import NullTracker, Tracker, check_report_to, plot_losses
 
 log = logging.getLogger(__name__)
+
+FAST_STRATEGIES = ("none", "ddp")
+"""Where ``train.fast: auto`` runs the fast path (see ``_train``); elsewhere the plain loss."""
 
 
 @dataclass
@@ -188,6 +192,12 @@ def _train(
     load_on = "cpu" if world.strategy in ("fsdp", "zero3") else device
     base = mdl.load_model(ref, weights_dtype, load_on, cfg.model.trust_remote_code, quant)
     model = prepare(base, cfg, dtype, quantized=quant is not None)
+    # the fast path's loss calls the decoder's parts itself, not the model's forward: FSDP2 and
+    # ZeRO gather weights in hooks on that forward, so it runs in one process or under DDP, where
+    # the loss becomes the forward of a module DDP wraps (DDP reduces what runs inside its forward)
+    fast = cfg.train.fast == "auto" and world.strategy in FAST_STRATEGIES and fast_loss_supports(model)
+    if fast and world.strategy == "ddp":
+        model = FastObjective(model)
     model = distributed.wrap(model, world, device, dtype, cfg.train.fsdp_offload)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, device)
@@ -243,13 +253,11 @@ def _train(
 
     if prompts and not first:
         samples_at(0, use_adapter=False)  # the base model's answers, once, for comparison
-    # the fast path's loss calls the decoder itself, so it needs the model unwrapped: one process
-    fast = cfg.train.fast == "auto" and world.strategy == "none" and fast_loss_supports(plain)
     if cfg.train.fast == "auto":
         log.info(
             "fast path: %s",
             fast_describe(plain)
-            if world.strategy == "none"
+            if world.strategy in FAST_STRATEGIES
             else f"not available under {world.strategy} (plain loss)",
         )
     autocast = torch.autocast(device, dtype=dtype) if use_autocast else nullcontext()
@@ -270,11 +278,10 @@ def _train(
                 with distributed.gradient_sync(model, world, sync=i == len(group) - 1):
                     b = {k: v.to(device) for k, v in b.items()}
                     with autocast:
-                        summed = (
-                            fast_loss_sum(model, b)
-                            if fast
-                            else token_loss_sum(forward(model, b), b["labels"])
-                        )
+                        if not fast:
+                            summed = token_loss_sum(forward(model, b), b["labels"])
+                        else:  # under DDP, model is DDP around FastObjective
+                            summed = model(b) if world.strategy == "ddp" else fast_loss_sum(model, b)
                     # DDP, FSDP and ZeRO average gradients over ranks: scale so the step's gradient is
                     # the mean over all trained tokens of the global batch, as in one process
                     loss = summed * world.size / max(n_trained, 1)

@@ -76,6 +76,20 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], options: Options = ALL)
     return chunked_cross_entropy(hidden[keep], head.weight, labels[keep])
 
 
+class Objective(torch.nn.Module):
+    """:func:`loss_sum` as the forward of a module around ``model``, for DDP: DDP reduces the
+    gradients of what runs inside its own forward, and this loss calls the decoder's parts itself
+    rather than the model's forward. The parameters are ``model``'s own (named ``model.*``)."""
+
+    def __init__(self, model: Any, options: Options = ALL) -> None:
+        super().__init__()
+        self.model = model
+        self.options = options
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return loss_sum(self.model, batch, self.options)
+
+
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``sum(cross_entropy(hidden @ weight.T, targets))`` with one chunk of logits alive at a time."""
     return _LinearCrossEntropy.apply(hidden, weight, targets)
