@@ -170,6 +170,17 @@ def test_the_chunked_loss_caps_the_logits_term():
     assert estimate(cfg(*short), L3).logits == estimate(cfg(*short, "train.fast=off"), L3).logits
 
 
+@pytest.mark.parametrize(
+    "strategy, fast", [("ddp", True), ("fsdp", False), ("zero2", False), ("zero3", False)]
+)
+def test_the_fast_paths_savings_count_only_where_it_runs(strategy, fast):
+    """DDP takes the fast path; FSDP2 and ZeRO run the plain loss and keep every layer's input."""
+    run = ("train.batch_size=4", "train.gradient_checkpointing=true", f"train.strategy={strategy}")
+    auto, off = estimate(cfg(*run), L3), estimate(cfg(*run, "train.fast=off"), L3)
+    assert (auto.logits < off.logits) == fast and (auto.activations < off.activations) == fast
+    assert (auto.total < off.total) == fast
+
+
 def test_full_tuning_costs_more_than_lora():
     lora = estimate(cfg(), SHAPES["llama-1b"])
     full = estimate(cfg("train.method=full"), SHAPES["llama-1b"])

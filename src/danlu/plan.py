@@ -354,12 +354,14 @@ def estimate(cfg: Config, model_config: dict | Any) -> Plan:
     resid = KBIT_OTHER_BYTES if kbit else wb  # the embedding's output dtype carries down the residual stream
     blocks = s.layers if method != "freeze" else min(s.layers, getattr(cfg.train, "freeze_layers", 2))
     layer = t * layer_bytes(cfg, s)
-    # train.fast: the loss projects at most fast.CHUNK trained tokens onto the vocabulary at once
-    logits = LOGIT_BYTES * (min(t, CHUNK) if cfg.train.fast == "auto" else t) * s.vocab
+    # train.fast (one process or DDP; FSDP2 and ZeRO run the plain loss): the loss projects at
+    # most fast.CHUNK trained tokens onto the vocabulary at once
+    fast = cfg.train.fast == "auto" and cfg.train.strategy in ("auto", "ddp")
+    logits = LOGIT_BYTES * (min(t, CHUNK) if fast else t) * s.vocab
     if cfg.train.gradient_checkpointing:
-        # train.fast (one process or DDP, a Llama-family decoder) keeps the layers' inputs in CPU memory:
-        # on the GPU at most the one being copied out and the one coming back
-        kept = min(blocks, 2) if cfg.train.fast == "auto" else blocks
+        # train.fast (a Llama-family decoder) keeps the layers' inputs in CPU memory: on the GPU
+        # at most the one being copied out and the one coming back
+        kept = min(blocks, 2) if fast else blocks
         held, recompute = kept * t * resid * s.hidden, layer
     else:  # trained fp32 weights: autocast's bf16 copies are saved for backward too
         held, recompute = blocks * layer + (2 * _trained_linear(cfg, s) if _autocast_copies(cfg) else 0), 0
