@@ -89,11 +89,10 @@ def train(path: str, shape: dict, model_type: str, batches: list[dict], device: 
     model, optimizer = bench._load(shape, model_type, device, None, None, path == "baseline")
     if path == "fp32":
         model.float()
-    step = {
-        "baseline": bench._baseline_step,
-        "fast": bench._danlu_step(fast.ALL),
-        "fast-eager-rounding": bench._danlu_step(fast.ALL),
-    }.get(path, bench._danlu_step(None))
+    if path == "baseline":
+        step = bench._baseline_step
+    else:  # fp32 and plain: danlu's plain path; both fast variants: its fast path
+        step = bench._danlu_step(fast.ALL if path.startswith("fast") else None)
     losses = []
     for batch in batches:
         b = {k: v.to(device) for k, v in batch.items()}

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from danlu.errors import UserError
+from danlu.fast.loss import Objective
 
 # Rank 0 may tokenize a large dataset while the others wait: give that one barrier a day.
 WAIT_TIMEOUT = timedelta(hours=24)
@@ -199,8 +200,6 @@ def full_state(model: Any, world: World) -> dict[str, torch.Tensor] | None:
 def unwrap(model: Any) -> Any:
     """The model without DDP's or DeepSpeed's wrapper and the fast path's loss module around it
     (FSDP2 shards in place: nothing to take off)."""
-    from danlu.fast.loss import Objective
-
     wrapped = hasattr(model, "require_backward_grad_sync") or type(model).__name__ == "DeepSpeedEngine"
     inner = model.module if hasattr(model, "module") and wrapped else model
     return inner.model if isinstance(inner, Objective) else inner

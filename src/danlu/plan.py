@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from danlu.config import Config
-from danlu.fast import CHUNK
+from danlu.fast import CHUNK, PLAIN_LOSS_STRATEGIES
 
 GiB = 1024**3
 
@@ -354,9 +354,9 @@ def estimate(cfg: Config, model_config: dict | Any) -> Plan:
     resid = KBIT_OTHER_BYTES if kbit else wb  # the embedding's output dtype carries down the residual stream
     blocks = s.layers if method != "freeze" else min(s.layers, getattr(cfg.train, "freeze_layers", 2))
     layer = t * layer_bytes(cfg, s)
-    # train.fast (one process or DDP; FSDP2 and ZeRO run the plain loss): the loss projects at
-    # most fast.CHUNK trained tokens onto the vocabulary at once
-    fast = cfg.train.fast == "auto" and cfg.train.strategy in ("auto", "ddp")
+    # train.fast (not under FSDP2 or ZeRO): the loss projects at most fast.CHUNK trained tokens
+    # onto the vocabulary at once
+    fast = cfg.train.fast == "auto" and cfg.train.strategy not in PLAIN_LOSS_STRATEGIES
     logits = LOGIT_BYTES * (min(t, CHUNK) if fast else t) * s.vocab
     if cfg.train.gradient_checkpointing:
         # train.fast (a Llama-family decoder) keeps the layers' inputs in CPU memory: on the GPU

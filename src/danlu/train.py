@@ -30,17 +30,14 @@ from danlu.data.dataset import build, collate, micro_batches
 from danlu.data.render import IGNORE, Sample
 from danlu.data.templates import apply_template
 from danlu.errors import UserError
+from danlu.fast import PLAIN_LOSS_STRATEGIES
 from danlu.fast.loss import Objective as FastObjective
 from danlu.fast.loss import describe as fast_describe
-from danlu.fast.loss import loss_sum as fast_loss_sum
 from danlu.fast.loss import supports as fast_loss_supports
 from danlu.methods import make_optimizer, prepare
 from danlu.tracking import NullTracker, Tracker, check_report_to, plot_losses
 
 log = logging.getLogger(__name__)
-
-FAST_STRATEGIES = ("none", "ddp")
-"""Where ``train.fast: auto`` runs the fast path (see ``_train``); elsewhere the plain loss."""
 
 
 @dataclass
@@ -192,11 +189,11 @@ def _train(
     load_on = "cpu" if world.strategy in ("fsdp", "zero3") else device
     base = mdl.load_model(ref, weights_dtype, load_on, cfg.model.trust_remote_code, quant)
     model = prepare(base, cfg, dtype, quantized=quant is not None)
-    # the fast path's loss calls the decoder's parts itself, not the model's forward: FSDP2 and
-    # ZeRO gather weights in hooks on that forward, so it runs in one process or under DDP, where
-    # the loss becomes the forward of a module DDP wraps (DDP reduces what runs inside its forward)
-    fast = cfg.train.fast == "auto" and world.strategy in FAST_STRATEGIES and fast_loss_supports(model)
-    if fast and world.strategy == "ddp":
+    # the fast path's loss becomes the model's forward: DDP reduces what runs inside its forward
+    fast = (
+        cfg.train.fast == "auto" and world.strategy not in PLAIN_LOSS_STRATEGIES and fast_loss_supports(model)
+    )
+    if fast:
         model = FastObjective(model)
     model = distributed.wrap(model, world, device, dtype, cfg.train.fsdp_offload)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -257,7 +254,7 @@ def _train(
         log.info(
             "fast path: %s",
             fast_describe(plain)
-            if world.strategy in FAST_STRATEGIES
+            if world.strategy not in PLAIN_LOSS_STRATEGIES
             else f"not available under {world.strategy} (plain loss)",
         )
     autocast = torch.autocast(device, dtype=dtype) if use_autocast else nullcontext()
@@ -278,10 +275,7 @@ def _train(
                 with distributed.gradient_sync(model, world, sync=i == len(group) - 1):
                     b = {k: v.to(device) for k, v in b.items()}
                     with autocast:
-                        if not fast:
-                            summed = token_loss_sum(forward(model, b), b["labels"])
-                        else:  # under DDP, model is DDP around FastObjective
-                            summed = model(b) if world.strategy == "ddp" else fast_loss_sum(model, b)
+                        summed = model(b) if fast else token_loss_sum(forward(model, b), b["labels"])
                     # DDP, FSDP and ZeRO average gradients over ranks: scale so the step's gradient is
                     # the mean over all trained tokens of the global batch, as in one process
                     loss = summed * world.size / max(n_trained, 1)

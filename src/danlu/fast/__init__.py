@@ -24,6 +24,11 @@ from dataclasses import dataclass
 C_COMPILERS = ("cc", "gcc", "clang")
 """What Triton may build its kernel launchers with (torch.compile's GPU kernels need one of them)."""
 
+PLAIN_LOSS_STRATEGIES = ("fsdp", "zero2", "zero3")
+"""``train.strategy`` values under which the plain loss runs even with ``train.fast: auto``: FSDP2
+and ZeRO gather weights in hooks on the model's forward, which the fast path does not call (it
+runs the decoder's parts itself). One process and DDP take the fast path."""
+
 CHUNK = 1024
 """Tokens the chunked loss projects onto the vocabulary at once: 1024 x 128,256 fp32 logits = 0.5 GiB."""
 

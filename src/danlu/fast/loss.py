@@ -77,9 +77,10 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], options: Options = ALL)
 
 
 class Objective(torch.nn.Module):
-    """:func:`loss_sum` as the forward of a module around ``model``, for DDP: DDP reduces the
-    gradients of what runs inside its own forward, and this loss calls the decoder's parts itself
-    rather than the model's forward. The parameters are ``model``'s own (named ``model.*``)."""
+    """:func:`loss_sum` as the forward of a module around ``model``: the training step calls it,
+    and DDP, which reduces the gradients of what runs inside its own forward, can wrap it (the loss
+    calls the decoder's parts itself, not the model's forward). The parameters are ``model``'s own
+    (named ``model.*``; :func:`danlu.distributed.unwrap` takes the module off again)."""
 
     def __init__(self, model: Any, options: Options = ALL) -> None:
         super().__init__()
