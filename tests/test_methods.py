@@ -152,11 +152,13 @@ def test_cuda_out_of_memory_stops_with_the_planners_advice(tiny_model_dir, tmp_p
     import danlu.train as train_mod
     from danlu.plan import GiB
 
-    def boom(model, batch):
+    import danlu.fast.loss as fast_loss
+
+    def boom(model, batch, *options):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train_mod, "forward", boom)  # the plain path
-    monkeypatch.setattr(train_mod, "fast_loss_sum", boom)  # the fast path (the default)
+    monkeypatch.setattr(fast_loss, "loss_sum", boom)  # the fast path (the default): Objective's forward
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=1 * GiB))
     with pytest.raises(UserError) as caught:
         train(cfg(tiny_model_dir, tmp_path, "train.max_steps=2", "train.batch_size=4"), progress=False)
@@ -166,6 +168,7 @@ def test_cuda_out_of_memory_stops_with_the_planners_advice(tiny_model_dir, tmp_p
 
 
 def test_nan_loss_stops_the_run_naming_the_last_good_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    import danlu.fast.loss as fast_loss
     import danlu.train as train_mod
 
     calls = {"n": 0}
@@ -180,7 +183,7 @@ def test_nan_loss_stops_the_run_naming_the_last_good_checkpoint(tiny_model_dir, 
 
     # whichever loss the run uses: the fast path's (the default) or the plain one
     monkeypatch.setattr(train_mod, "token_loss_sum", nan_from_step_4(train_mod.token_loss_sum))
-    monkeypatch.setattr(train_mod, "fast_loss_sum", nan_from_step_4(train_mod.fast_loss_sum))
+    monkeypatch.setattr(fast_loss, "loss_sum", nan_from_step_4(fast_loss.loss_sum))
     with pytest.raises(UserError, match=r"loss became nan at step 4.*checkpoint-2, continue with --resume"):
         train(cfg(tiny_model_dir, tmp_path, "train.max_steps=6", "train.save_every=2"), progress=False)
     assert (tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors").is_file()
