@@ -1,4 +1,5 @@
-"""The benchmark scripts' own logic: loss_drift.py's flow on the CPU, profile_step.py's kernel sums."""
+"""The benchmark scripts' own logic: loss_drift.py's and ab_options.py's flows on the CPU,
+profile_step.py's kernel sums."""
 
 from __future__ import annotations
 
@@ -58,6 +59,38 @@ def test_loss_drift_trains_every_path_from_the_same_start_and_compares_with_fp32
         assert worst < 1e-3, name  # bf16 rounding, not a different (or no) training
     assert paths["baseline"]["vs_baseline"]["max"] == 0.0
     assert "vs fp32" in run.stdout and report["environment"]["torch"]
+
+
+def test_ab_options_runs_each_variant_every_round_from_the_same_start(tmp_path):
+    pytest.importorskip("peft")
+    ab = _script("ab_options")
+    from danlu.fast import ALL, Options
+
+    assert ab.options("split=False,offload=True") == Options(split=False)
+    assert ab.options("all") == ALL
+    with pytest.raises(SystemExit, match="field=True"):
+        ab.options("splt=False")
+    out = tmp_path / "ab.json"
+    args = ["split=False", "varlen=False", "--smoke", "--steps", "3", "--rounds", "2", "--out", str(out)]
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/ab_options.py"), *args],
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [(r["variant"], r["round"]) for r in report["runs"]] == [
+        ("split=False", 0), ("varlen=False", 0), ("split=False", 1), ("varlen=False", 1),
+    ]  # fmt: skip
+    assert report["variants"]["varlen=False"]["varlen"] is False
+    first, other = report["summary"]["split=False"], report["summary"]["varlen=False"]
+    assert first["speed_vs_first"] == 1.0 and first["loss_max_rel_diff_from_first"] == 0.0
+    assert len(first["losses"]) == 3 + 3 and first["tokens_per_s_median"] > 0  # warmup steps too
+    assert first["loss_max_rel_diff_between_rounds"] < 1e-5  # a fresh model each round, the same start
+    # a different path (transformers' forward) learns the same: near, not equal
+    assert 0 < other["loss_max_rel_diff_from_first"] < 1e-2
 
 
 def _kernel(name: str, start: float, end: float) -> SimpleNamespace:

@@ -239,3 +239,62 @@ def test_offloaded_layer_inputs_give_the_same_loss_and_gradients(monkeypatch, dr
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-4)
     for name, g in want.items():
         assert (grads[name] - g).norm() / g.norm() < 1e-4, name
+
+
+def test_compiled_halves_do_not_recompute_o_proj(monkeypatch):
+    """Compiled, each checkpointed half recomputes only what its backward reads: the attention
+    half's output (o_proj's base and LoRA B matmuls) is kept instead, and the loss and gradients
+    do not change. Compiled here with AOTAutograd and the min-cut partitioner Inductor uses, the
+    graphs recorded (no code generated); attention as one SDPA call (one sequence), which traces."""
+    from functorch.compile import min_cut_rematerialization_partition
+    from peft import LoraConfig, get_peft_model
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    from danlu.fast import Options
+
+    backward_graphs = []
+
+    def backend(gm, inputs):
+        def keep(graphs):
+            return lambda g, _: (graphs.append(g), g)[1]
+
+        return aot_module_simplified(
+            gm, inputs, keep([]), keep(backward_graphs), partition_fn=min_cut_rematerialization_partition
+        )
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=backend))
+    monkeypatch.setattr(decoder, "compiles_layers", lambda *a: True)
+    monkeypatch.setattr(
+        decoder,
+        "attention",
+        lambda q, k, v, flat, scale, dense: F.scaled_dot_product_attention(
+            *(t.transpose(0, 1)[None] for t in (q, k, v)), is_causal=True, scale=scale, enable_gqa=True
+        )[0].transpose(0, 1),
+    )
+    ids = torch.randint(3, 120, (1, 24), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def run(split):
+        decoder._compiled.cache_clear()
+        torch._dynamo.reset()
+        backward_graphs.clear()
+        base = small("llama")
+        base.gradient_checkpointing_enable({"use_reentrant": False})
+        model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        model.train()
+        loss = fast.loss_sum(model, batch, Options(offload=False, split=split))
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        matmuls = [sum(n.target == torch.ops.aten.mm.default for n in g.graph.nodes) for g in backward_graphs]
+        return loss.detach(), grads, matmuls
+
+    whole_loss, whole_grads, whole_mm = run(split=False)
+    loss, grads, mm = run(split=True)
+    assert len(whole_mm) == 1 and len(mm) == 2  # one graph per layer (reused), or one per half
+    assert sum(mm) == whole_mm[0] - 2
+    torch.testing.assert_close(loss, whole_loss, rtol=1e-5, atol=1e-4)
+    for name, g in whole_grads.items():
+        assert (grads[name] - g).norm() / g.norm() < 1e-4, name
+    decoder._compiled.cache_clear()
+    torch._dynamo.reset()

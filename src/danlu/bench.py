@@ -94,12 +94,16 @@ ABLATION = [
     ("+ chunked loss", fast.LOSS_ONLY),
     (
         "+ padding-free varlen attention",
-        fast.Options(fused=False, lora=False, compile=False, offload=False, dense=False),
+        fast.Options(fused=False, lora=False, compile=False, offload=False, dense=False, split=False),
     ),
-    ("+ fused RMSNorm/RoPE/SwiGLU", fast.Options(lora=False, compile=False, offload=False, dense=False)),
-    ("+ LoRA inside the matmul", fast.Options(compile=False, offload=False, dense=False)),
-    ("+ each layer compiled", fast.Options(offload=False, dense=False)),
-    ("+ layer inputs in CPU memory", fast.Options(dense=False)),
+    (
+        "+ fused RMSNorm/RoPE/SwiGLU",
+        fast.Options(lora=False, compile=False, offload=False, dense=False, split=False),
+    ),
+    ("+ LoRA inside the matmul", fast.Options(compile=False, offload=False, dense=False, split=False)),
+    ("+ each layer compiled", fast.Options(offload=False, dense=False, split=False)),
+    ("+ layer inputs in CPU memory", fast.Options(dense=False, split=False)),
+    ("+ attention and MLP checkpointed apart", fast.Options(dense=False)),
 ]
 
 

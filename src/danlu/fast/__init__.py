@@ -12,7 +12,8 @@ The parts, each switchable for the benchmark's ablation (:class:`Options`):
 - :mod:`danlu.fast.lora`: LoRA projections that add the update inside the base output's matmul
   and share one ``lora_A`` matmul between projections of the same input;
 - on CUDA, each decoder layer compiled as one graph (torch.compile), which removes most of the
-  per-operation Python and kernel-launch time;
+  per-operation Python and kernel-launch time; checkpointed, as two (attention, MLP), so that
+  the backward does not run o_proj's forward again;
 - :mod:`danlu.fast.offload`: on CUDA, each checkpointed layer's input waits for the backward in
   CPU memory, copied out and back while other layers compute.
 """
@@ -43,7 +44,10 @@ class Options:
     compile: bool = True  # each decoder layer one compiled graph, on CUDA (padding-free decoder only)
     offload: bool = True  # checkpointed layers' inputs wait in CPU memory, on CUDA (padding-free decoder)
     dense: bool = True  # equal-length sequences through cuDNN's attention, on CUDA (padding-free decoder)
+    split: bool = True  # attention and MLP halves checkpointed apart: o_proj not recomputed (padding-free)
 
 
 ALL = Options()
-LOSS_ONLY = Options(varlen=False, fused=False, lora=False, compile=False, offload=False, dense=False)
+LOSS_ONLY = Options(
+    varlen=False, fused=False, lora=False, compile=False, offload=False, dense=False, split=False
+)

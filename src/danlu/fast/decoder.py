@@ -11,6 +11,7 @@ are the same files as from the plain path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -68,24 +69,29 @@ def hidden_states(lm: Any, flat: Flat, options: Options) -> torch.Tensor:
     # a 4-bit base's compiled checkpoint must be told to dequantize again rather than keep the result
     saved = _checkpointed_4bit if whole and getattr(lm, "hf_quantizer", None) is not None else _checkpointed
     if whole:
-        plain, kept = _compiled(_layer), _compiled(saved)
+        plain, kept = _compiled(_run), _compiled(saved)
     else:  # eager: only the reentrant checkpoint saves its input where the offloader's hooks see it
-        plain, kept = _layer, _reentrant if offload is not None else saved
+        plain, kept = _run, _reentrant if offload is not None else saved
     for layer in decoder.layers:
         keep_less = (
             getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()
         )
-        if not keep_less:
-            x = plain(layer, x, cos, sin, flat, ops)
-        elif offload is None:
-            x = kept(layer, x, cos, sin, flat, ops)
-        else:
-            if not whole and not x.requires_grad:
-                # the reentrant checkpoint runs no backward without an input that requires grad; below
-                # the first layer nothing trains (frozen embeddings), so the input is cut off and marked
-                x = x.detach().requires_grad_()
-            with offload.saving(x):
-                x = kept(layer, x, cos, sin, flat, ops)
+        # compiled and checkpointed apart, the MLP half's input (the residual after o_proj) is kept
+        # (in CPU memory with the offloader), so the backward does not run o_proj's forward again
+        # (eager, a checkpoint reruns all of its half: there it would only keep more)
+        halves = keep_less and whole and options.split
+        for part in (_attention_half, _mlp_half) if halves else (_layer,):
+            if not keep_less:
+                x = plain(part, layer, x, cos, sin, flat, ops)
+            elif offload is None:
+                x = kept(part, layer, x, cos, sin, flat, ops)
+            else:
+                if not whole and not x.requires_grad:
+                    # the reentrant checkpoint runs no backward without an input that requires grad;
+                    # below the first layer nothing trains (frozen embeddings): cut off and marked
+                    x = x.detach().requires_grad_()
+                with offload.saving(x):
+                    x = kept(part, layer, x, cos, sin, flat, ops)
     rms_norm = kernels.pick(kernels.rms_norm, options.fused, x.device)
     return rms_norm(x, decoder.norm.weight, decoder.norm.variance_epsilon)
 
@@ -104,10 +110,19 @@ class _Ops:
         self.dense = dense
 
 
-def _checkpointed(
-    layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: Flat, ops: _Ops
+Part = Callable[..., torch.Tensor]  # _layer or one of its halves: (layer, x, cos, sin, flat, ops) -> x
+
+
+def _run(
+    part: Part, layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: Flat, ops: _Ops
 ) -> torch.Tensor:
-    return checkpoint(_layer, layer, x, cos, sin, flat, ops, use_reentrant=False)
+    return part(layer, x, cos, sin, flat, ops)
+
+
+def _checkpointed(
+    part: Part, layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: Flat, ops: _Ops
+) -> torch.Tensor:
+    return checkpoint(part, layer, x, cos, sin, flat, ops, use_reentrant=False)
 
 
 def offloads(options: Options, device: torch.device) -> bool:
@@ -120,14 +135,14 @@ def _offloader(options: Options, device: torch.device) -> Offloader | None:
 
 
 def _checkpointed_4bit(
-    layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: Flat, ops: _Ops
+    part: Part, layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: Flat, ops: _Ops
 ) -> torch.Tensor:
     """The checkpointed layer of a 4-bit base, for compiling. Compiled around a plain checkpoint,
     the backward kept the forward's dequantized weights (its own dequantization of the same
     weights was merged with the forward's): 8B QLoRA 8.5 -> 18.0 GiB on the H100. Marking
     bitsandbytes' operations as ones to recompute keeps only the 4-bit weights (7.5 GiB)."""
     return checkpoint(
-        _layer, layer, x, cos, sin, flat, ops, use_reentrant=False, context_fn=_recompute_bitsandbytes
+        part, layer, x, cos, sin, flat, ops, use_reentrant=False, context_fn=_recompute_bitsandbytes
     )
 
 
@@ -146,9 +161,9 @@ def _policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _reentrant(
-    layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: Flat, ops: _Ops
+    part: Part, layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: Flat, ops: _Ops
 ) -> torch.Tensor:
-    return checkpoint(_layer, layer, x, cos, sin, flat, ops, use_reentrant=True)
+    return checkpoint(part, layer, x, cos, sin, flat, ops, use_reentrant=True)
 
 
 @cache
@@ -175,13 +190,24 @@ def _compiled(run: Any) -> Any:
 def _layer(
     layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: Flat, ops: _Ops
 ) -> torch.Tensor:
-    attn, mlp = layer.self_attn, layer.mlp
+    return _mlp_half(layer, _attention_half(layer, x, cos, sin, flat, ops), cos, sin, flat, ops)
+
+
+def _attention_half(
+    layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: Flat, ops: _Ops
+) -> torch.Tensor:
+    attn = layer.self_attn
     h = ops.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
     q, k, v = ops.project([attn.q_proj, attn.k_proj, attn.v_proj], h)
     q, k = ops.rope(q.unflatten(-1, (-1, attn.head_dim)), k.unflatten(-1, (-1, attn.head_dim)), cos, sin)
     o = attention(q, k, v.unflatten(-1, (-1, attn.head_dim)), flat, attn.scaling, ops.dense)
-    x = x + ops.project([attn.o_proj], o.flatten(-2))[0]
-    norm = layer.post_attention_layernorm
+    return x + ops.project([attn.o_proj], o.flatten(-2))[0]
+
+
+def _mlp_half(
+    layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: Flat, ops: _Ops
+) -> torch.Tensor:
+    mlp, norm = layer.mlp, layer.post_attention_layernorm
     h = ops.rms_norm(x, norm.weight, norm.variance_epsilon)
     gate, up = ops.project([mlp.gate_proj, mlp.up_proj], h)
     return x + ops.project([mlp.down_proj], ops.swiglu(gate, up))[0]
