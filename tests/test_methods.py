@@ -149,10 +149,9 @@ def test_quantization_needs_lora_and_unknown_loggers_are_refused(tiny_model_dir,
 def test_cuda_out_of_memory_stops_with_the_planners_advice(tiny_model_dir, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
+    import danlu.fast.loss as fast_loss
     import danlu.train as train_mod
     from danlu.plan import GiB
-
-    import danlu.fast.loss as fast_loss
 
     def boom(model, batch, *options):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -5,8 +5,9 @@ Nothing is replaced or patched: the function below calls the same embedding, pro
 would, in the same order with the same arithmetic, but on a single row of only real tokens
 with :func:`danlu.fast.varlen.attention`, :mod:`danlu.fast.kernels` for the memory-bound
 steps and :func:`danlu.fast.lora.project` for the (LoRA-wrapped) projections. Gradient
-checkpointing follows the flag transformers sets on each layer. Adapters saved from this path
-are the same files as from the plain path.
+checkpointing follows the flag transformers sets on each layer; compiled, a checkpointed layer is
+two graphs (attention half, MLP half), so that the backward recomputes only what it reads.
+Adapters saved from this path are the same files as from the plain path.
 """
 
 from __future__ import annotations
