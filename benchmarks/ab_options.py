@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,6 @@ from typing import Any
 import torch
 
 from danlu import bench, fast
-from danlu.plan import SHAPES
 
 
 def options(spec: str) -> fast.Options:
@@ -78,14 +78,8 @@ def main() -> None:
     chosen = {spec: options(spec) for spec in args.variants}
     case, s = bench.CASES[args.case], bench.Settings(steps=args.steps, smoke=args.smoke)
     device = "cpu" if args.smoke else "cuda"
-    shape = bench.SMOKE_SHAPE if args.smoke else SHAPES[case.shape]
-    model_type = "qwen2" if case.shape.startswith("qwen") else "llama"
-    rows = bench._rows(shape["vocab_size"], s.batch * (s.steps + s.warmup), s.seq, seed=1)
-    batches = [bench._padded(rows[i : i + s.batch]) for i in range(0, len(rows), s.batch)]
-    folder = None
-    if case.quantization:
-        folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"danlu-ab-{args.case}"
-        bench._build(shape, model_type, device).save_pretrained(folder)
+    shape, model_type, folder = bench.model_of(args.case, case, s, device)
+    batches = bench.full_rows(shape, s)
     runs = []
     for round_ in range(args.rounds):
         for spec, opts in chosen.items():
@@ -106,6 +100,8 @@ def main() -> None:
             )
             del model, optimizer
             bench.free_memory()
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
     summary = summarize(runs, args.variants)
     for spec, row in summary.items():
         print(f"{spec}: median {row['tokens_per_s_median']:,.0f} tokens/s ({row['speed_vs_first']:.3f}x)")

@@ -183,14 +183,8 @@ def matmul_peak(device: str) -> float:
 def _case(
     name: str, case: Case, s: Settings, device: str, peak: float, log: Callable[[str], None]
 ) -> dict[str, Any]:
-    shape = SMOKE_SHAPE if s.smoke else SHAPES[case.shape]
-    model_type = "qwen2" if case.shape.startswith("qwen") else "llama"
     log(f"== {name}: {case.what}")
-    folder = None
-    if case.quantization:  # bitsandbytes quantizes while loading: both paths load one saved copy
-        folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"danlu-bench-{name}"
-        _build(shape, model_type, device).save_pretrained(folder)
-        free_memory()
+    shape, model_type, folder = model_of(name, case, s, device)
     if case.varlen:  # warmup and timed steps see different samples; both paths the same ones
         warm, timed = _varlen_samples(shape["vocab_size"], s)
         b = s.varlen_batch
@@ -200,8 +194,7 @@ def _case(
         # token counts, then dynamic sequence counts): the warmup packs enough samples for that
         fast_batches = (_packed(warm, s.pack_tokens)[: max(s.warmup, 3)], _packed(timed, s.pack_tokens))
     else:
-        rows = _rows(shape["vocab_size"], s.batch * (s.steps + s.warmup), s.seq, seed=1)
-        padded = [_padded(rows[i : i + s.batch]) for i in range(0, len(rows), s.batch)]
+        padded = full_rows(shape, s)
         base_batches = fast_batches = (padded[: s.warmup], padded[s.warmup :])
     variants = [("baseline: transformers + peft, SDPA, checkpointing", "baseline")]
     variants += [(label, opts) for label, opts in ABLATION] if case.ablation else []
@@ -234,6 +227,25 @@ def _case(
         f"  danlu / baseline: {summary['speedup']:.2f}x tokens/s, {summary['memory_ratio'] or 0:.2f}x peak memory"
     )
     return {"what": case.what, "shape": case.shape, "paths": [r.__dict__ for r in results], **summary}
+
+
+def model_of(name: str, case: Case, s: Settings, device: str) -> tuple[dict[str, Any], str, Path | None]:
+    """``case``'s shape, model type and, for a quantized case, the folder of its saved bf16 model
+    (bitsandbytes quantizes while loading: every path loads that one copy; the caller removes it)."""
+    shape = SMOKE_SHAPE if s.smoke else SHAPES[case.shape]
+    model_type = "qwen2" if case.shape.startswith("qwen") else "llama"
+    folder = None
+    if case.quantization:
+        folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"danlu-bench-{name}"
+        _build(shape, model_type, device).save_pretrained(folder)
+        free_memory()
+    return shape, model_type, folder
+
+
+def full_rows(shape: dict[str, Any], s: Settings) -> list[dict[str, torch.Tensor]]:
+    """The warmup then the timed batches of an equal-length case: ``s.batch`` full rows of ``s.seq``."""
+    rows = _rows(shape["vocab_size"], s.batch * (s.steps + s.warmup), s.seq, seed=1)
+    return [_padded(rows[i : i + s.batch]) for i in range(0, len(rows), s.batch)]
 
 
 def _build(shape: dict[str, Any], model_type: str, device: str) -> Any:

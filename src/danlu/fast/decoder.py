@@ -70,29 +70,30 @@ def hidden_states(lm: Any, flat: Flat, options: Options) -> torch.Tensor:
     # a 4-bit base's compiled checkpoint must be told to dequantize again rather than keep the result
     saved = _checkpointed_4bit if whole and getattr(lm, "hf_quantizer", None) is not None else _checkpointed
     if whole:
-        plain, kept = _compiled(_run), _compiled(saved)
+        plain, kept = _compiled(_layer), _compiled(saved)
     else:  # eager: only the reentrant checkpoint saves its input where the offloader's hooks see it
-        plain, kept = _run, _reentrant if offload is not None else saved
+        plain, kept = _layer, _reentrant if offload is not None else saved
+    # compiled, a layer is checkpointed as two halves: the MLP half's input (the residual after
+    # o_proj) is kept (in CPU memory with the offloader), so the backward does not run o_proj's
+    # forward again (eager, a checkpoint reruns all of its half: there it would only keep more)
+    parts = (_attention_half, _mlp_half) if whole and options.split else (_layer,)
     for layer in decoder.layers:
         keep_less = (
             getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()
         )
-        # compiled and checkpointed apart, the MLP half's input (the residual after o_proj) is kept
-        # (in CPU memory with the offloader), so the backward does not run o_proj's forward again
-        # (eager, a checkpoint reruns all of its half: there it would only keep more)
-        halves = keep_less and whole and options.split
-        for part in (_attention_half, _mlp_half) if halves else (_layer,):
-            if not keep_less:
-                x = plain(part, layer, x, cos, sin, flat, ops)
-            elif offload is None:
+        if not keep_less:
+            x = plain(layer, x, cos, sin, flat, ops)
+            continue
+        for part in parts:
+            if offload is None:
                 x = kept(part, layer, x, cos, sin, flat, ops)
-            else:
-                if not whole and not x.requires_grad:
-                    # the reentrant checkpoint runs no backward without an input that requires grad;
-                    # below the first layer nothing trains (frozen embeddings): cut off and marked
-                    x = x.detach().requires_grad_()
-                with offload.saving(x):
-                    x = kept(part, layer, x, cos, sin, flat, ops)
+                continue
+            if not whole and not x.requires_grad:
+                # the reentrant checkpoint runs no backward without an input that requires grad;
+                # below the first layer nothing trains (frozen embeddings): cut off and marked
+                x = x.detach().requires_grad_()
+            with offload.saving(x):
+                x = kept(part, layer, x, cos, sin, flat, ops)
     rms_norm = kernels.pick(kernels.rms_norm, options.fused, x.device)
     return rms_norm(x, decoder.norm.weight, decoder.norm.variance_epsilon)
 
@@ -112,12 +113,6 @@ class _Ops:
 
 
 Part = Callable[..., torch.Tensor]  # _layer or one of its halves: (layer, x, cos, sin, flat, ops) -> x
-
-
-def _run(
-    part: Part, layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: Flat, ops: _Ops
-) -> torch.Tensor:
-    return part(layer, x, cos, sin, flat, ops)
 
 
 def _checkpointed(
