@@ -27,6 +27,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def fresh_compiler(request: pytest.FixtureRequest) -> None:
+    """A GPU test starts with torch.compile's caches empty, as a new process does. The compiled
+    decoder layer is one function shared by every test in the process; after 8 variants (dtype,
+    4-bit, LoRA or not, ...) dynamo stops compiling it and runs it eagerly, so a later test's run
+    would no longer be the one a fresh process (a torchrun child, a user's run) makes."""
+    if "gpu" in request.keywords:
+        torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The converted embedded default model (safetensors folder).

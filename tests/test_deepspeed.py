@@ -125,9 +125,14 @@ def test_zero_on_one_gpu_computes_in_bf16_like_one_process(tiny_model_dir, data,
     autocast (it turns an outer autocast off unless told), so ZeRO-2 repeats one process's losses
     and adapter, and ZeRO-3 starts from the same loss (a smoke run without it ended 0.017 off)."""
     extra = {"grad_accum": 2, "precision": "bf16", "fast": "off"}
-    train(
-        load_config(write_config(tmp_path / "one.yaml", tiny_model_dir, data, tmp_path / "one", **extra)),
-        progress=False,
+    # one process in a process of its own too: run in pytest's, after other GPU tests, its step-2
+    # loss came out 1e-4 (relative) off the same run in a fresh process (state left by an earlier
+    # test, not found); fresh, AdamW fused, foreach or per tensor and ZeRO-2 with and without
+    # optimizer offload agree to the last digit for 4 steps, then within 7e-5 (H100)
+    run_danlu(
+        "train",
+        str(write_config(tmp_path / "one.yaml", tiny_model_dir, data, tmp_path / "one", **extra)),
+        "--no-progress",
     )
     for strategy in ("zero2", "zero3"):
         cfg = write_config(
