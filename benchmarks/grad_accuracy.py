@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "grad_accuracy.json"))
     args = ap.parse_args()
     shape = dict(SHAPES[args.shape], num_hidden_layers=args.layers)
-    model_type = "qwen2" if args.shape.startswith("qwen") else "llama"
+    model_type = bench.model_type_of(args.shape)
     rows = bench._rows(shape["vocab_size"], 2, 2048, seed=1)
     batch = {k: v.cuda() for k, v in bench._padded(rows).items()}
     report = {"shape": args.shape, "layers": args.layers, "tokens": 4096, "paths": {}}

@@ -47,9 +47,8 @@ def main() -> None:
     device, seq = ("cpu", 64) if args.smoke else ("cuda", 2048)
     base = bench.SMOKE_SHAPE if args.smoke else SHAPES[args.shape]
     shape = dict(base, num_hidden_layers=args.layers)
-    model_type = "qwen2" if args.shape.startswith("qwen") else "llama"
-    rows = bench._rows(shape["vocab_size"], 2 * args.steps, seq, seed=1)
-    batches = [bench._padded(rows[i : i + 2]) for i in range(0, len(rows), 2)]
+    model_type = bench.model_type_of(args.shape)
+    batches = bench.full_rows(shape, bench.Settings(steps=args.steps, warmup=0, seq=seq, batch=2))
     report: dict = {
         "command": "python benchmarks/loss_drift.py " + " ".join(sys.argv[1:]),
         "environment": bench._environment(device),

@@ -112,6 +112,12 @@ def say(*parts: Any) -> None:
     print("[memory_gpu]", *parts, flush=True)
 
 
+def fast_path_said(output: str) -> str:
+    """What a `danlu train` run's log said of its fast path ("off" if it said nothing)."""
+    said = [line.split("fast path: ", 1)[1] for line in output.splitlines() if "fast path: " in line]
+    return said[0] if said else "off"
+
+
 def build_model(shape: dict[str, Any], tokenizer: Any, folder: Path, device: str) -> None:
     """A random-weight Llama of ``shape`` (bf16 on ``device``) saved with ``tokenizer`` into ``folder``."""
     from transformers import AutoModelForCausalLM, LlamaConfig

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_gpu import build_model, say, write_data  # noqa: E402
+from memory_gpu import build_model, fast_path_said, say, write_data  # noqa: E402
 
 from danlu.plan import SHAPES  # noqa: E402
 
@@ -93,8 +93,7 @@ def run_case(name: str, model: Path, data: Path, work: Path, gpus: int, steps: i
     if proc.returncode != 0:
         record["error"] = proc.stderr[-3000:]
         return record
-    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "fast path: " in line]
-    record["fast_path"] = said[0].split("fast path: ", 1)[1] if said else "off"
+    record["fast_path"] = fast_path_said(proc.stdout + proc.stderr)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     timed = [r["tokens_per_s"] for r in rows[2:]]

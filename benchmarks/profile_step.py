@@ -32,12 +32,10 @@ def main() -> None:
     )
     args = ap.parse_args()
     shape = SHAPES[args.shape]
-    model_type = "qwen2" if args.shape.startswith("qwen") else "llama"
     baseline = args.path == "baseline"
-    model, optimizer = bench._load(shape, model_type, "cuda", None, None, baseline)
+    model, optimizer = bench._load(shape, bench.model_type_of(args.shape), "cuda", None, None, baseline)
     step = bench._baseline_step if baseline else bench._danlu_step(fast.ALL)
-    rows = bench._rows(shape["vocab_size"], 8, 2048, seed=1)
-    batches = [bench._padded(rows[i : i + 2]) for i in range(0, 8, 2)]
+    batches = bench.full_rows(shape, bench.Settings(steps=1, warmup=3))  # 4 batches of 2 x 2048
     bench._measure("warmup", model, optimizer, step, batches[:3], [], "cuda")
     activities = [ProfilerActivity.CUDA, ProfilerActivity.CPU] if args.cpu else [ProfilerActivity.CUDA]
     with profile(activities=activities) as prof:

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_gpu import build_model, write_data  # noqa: E402
+from memory_gpu import build_model, fast_path_said, write_data  # noqa: E402
 
 from danlu.plan import SHAPES  # noqa: E402
 
@@ -97,13 +97,8 @@ def run(work: Path, steps: int, extra: list[str]) -> dict:
         return {"error": proc.stderr[-2000:]}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
-    said = [
-        line.split("fast path: ", 1)[1]
-        for line in (proc.stdout + proc.stderr).splitlines()
-        if "fast path: " in line
-    ]
     return {
-        "fast_path": said[0] if said else "off",
+        "fast_path": fast_path_said(proc.stdout + proc.stderr),
         "loss": [r["loss"] for r in rows],
         "grad_norm": [r["grad_norm"] for r in rows],
     }

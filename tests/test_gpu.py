@@ -6,9 +6,7 @@ Marked ``gpu``: skipped without CUDA, run on the device machine; results are com
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,6 +18,8 @@ from danlu.data.packing import pack
 from danlu.data.render import IGNORE, render
 from danlu.fast import varlen
 from danlu.train import forward, token_loss_sum, train
+from test_distributed import losses as logged_losses
+from test_distributed import run_danlu
 
 pytestmark = pytest.mark.gpu
 RECORDS = [
@@ -53,18 +53,11 @@ def run(tiny_model_dir, tmp_path, *extra):
 
 def run_torchrun(tiny_model_dir, tmp_path, *extra) -> tuple[subprocess.CompletedProcess, list[float]]:
     """The same run as :func:`run` launched as one torchrun process (NCCL): its output and losses."""
-    args = settings(tiny_model_dir, tmp_path, *extra)
     cfg = tmp_path / "c.yaml"
+    args = settings(tiny_model_dir, tmp_path, *extra)  # makes tmp_path
     cfg.write_text("model: {}\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "danlu", "train", str(cfg), *args, "--nproc", "1", "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    return proc, [r["loss"] for r in rows if "loss" in r]
+    proc = run_danlu("train", str(cfg), *args, "--nproc", "1", "--no-progress")
+    return proc, list(logged_losses(tmp_path / "run").values())
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -233,13 +233,17 @@ def model_of(name: str, case: Case, s: Settings, device: str) -> tuple[dict[str,
     """``case``'s shape, model type and, for a quantized case, the folder of its saved bf16 model
     (bitsandbytes quantizes while loading: every path loads that one copy; the caller removes it)."""
     shape = SMOKE_SHAPE if s.smoke else SHAPES[case.shape]
-    model_type = "qwen2" if case.shape.startswith("qwen") else "llama"
     folder = None
     if case.quantization:
         folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"danlu-bench-{name}"
-        _build(shape, model_type, device).save_pretrained(folder)
+        _build(shape, model_type_of(case.shape), device).save_pretrained(folder)
         free_memory()
-    return shape, model_type, folder
+    return shape, model_type_of(case.shape), folder
+
+
+def model_type_of(shape_name: str) -> str:
+    """The transformers model type a shape of :data:`danlu.plan.SHAPES` is built as."""
+    return "qwen2" if shape_name.startswith("qwen") else "llama"
 
 
 def full_rows(shape: dict[str, Any], s: Settings) -> list[dict[str, torch.Tensor]]:
