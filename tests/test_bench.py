@@ -18,7 +18,7 @@ def test_bench_smoke_compares_both_paths_on_the_same_data(tmp_path, capsys):
     lora = report["cases"]["lora-8b"]
     names = [p["path"] for p in lora["paths"]]
     assert names[0].startswith("baseline") and names[-1].startswith("danlu fast")
-    assert len(names) == 10  # baseline, the eight ablation rows, the full fast path
+    assert len(names) == 11  # baseline, the nine ablation rows, the full fast path
     for p in lora["paths"]:
         assert p["tokens_per_s"] > 0 and 0 < p["mfu"]
     first, last = lora["paths"][0], lora["paths"][-1]

@@ -219,8 +219,8 @@ def test_offloaded_layer_inputs_give_the_same_loss_and_gradients(monkeypatch, dr
     want_loss, want = run(off)
     made = []
 
-    def offloader(options, device):  # on a CPU the offloader is off; here it copies CPU to CPU
-        made.append(offload.Offloader(device) if options.offload else None)
+    def offloader(options, device, stay):  # on a CPU the offloader is off; here it copies CPU to CPU
+        made.append(offload.Offloader(device, stay) if options.offload else None)
         return made[-1]
 
     monkeypatch.setattr(decoder, "_offloader", offloader)
@@ -241,18 +241,11 @@ def test_offloaded_layer_inputs_give_the_same_loss_and_gradients(monkeypatch, dr
         assert (grads[name] - g).norm() / g.norm() < 1e-4, name
 
 
-def test_compiled_halves_do_not_recompute_o_proj(monkeypatch):
-    """Compiled, each checkpointed half recomputes only what its backward reads: the attention
-    half's output (o_proj's base and LoRA B matmuls) is kept instead, and the loss and gradients
-    do not change. Compiled here with AOTAutograd and the min-cut partitioner Inductor uses, the
-    graphs recorded (no code generated); attention as one SDPA call (one sequence), which traces."""
+def compile_recording(monkeypatch, backward_graphs):
+    """torch.compile as AOTAutograd with the min-cut partitioner Inductor uses, recording the
+    backward graphs (no code generated); attention as one SDPA call (one sequence), which traces."""
     from functorch.compile import min_cut_rematerialization_partition
-    from peft import LoraConfig, get_peft_model
     from torch._functorch.aot_autograd import aot_module_simplified
-
-    from danlu.fast import Options
-
-    backward_graphs = []
 
     def backend(gm, inputs):
         def keep(graphs):
@@ -272,6 +265,22 @@ def test_compiled_halves_do_not_recompute_o_proj(monkeypatch):
             *(t.transpose(0, 1)[None] for t in (q, k, v)), is_causal=True, scale=scale, enable_gqa=True
         )[0].transpose(0, 1),
     )
+
+
+def matmuls(graph) -> int:
+    return sum(n.target == torch.ops.aten.mm.default for n in graph.graph.nodes)
+
+
+def test_compiled_halves_do_not_recompute_o_proj(monkeypatch):
+    """Compiled, each checkpointed half recomputes only what its backward reads: the attention
+    half's output (o_proj's base and LoRA B matmuls) is kept instead, and the loss and gradients
+    do not change (graphs recorded by :func:`compile_recording`)."""
+    from peft import LoraConfig, get_peft_model
+
+    from danlu.fast import Options
+
+    backward_graphs = []
+    compile_recording(monkeypatch, backward_graphs)
     ids = torch.randint(3, 120, (1, 24), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
@@ -286,8 +295,7 @@ def test_compiled_halves_do_not_recompute_o_proj(monkeypatch):
         loss = fast.loss_sum(model, batch, Options(offload=False, split=split))
         loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        matmuls = [sum(n.target == torch.ops.aten.mm.default for n in g.graph.nodes) for g in backward_graphs]
-        return loss.detach(), grads, matmuls
+        return loss.detach(), grads, [matmuls(g) for g in backward_graphs]
 
     whole_loss, whole_grads, whole_mm = run(split=False)
     loss, grads, mm = run(split=True)
@@ -296,5 +304,58 @@ def test_compiled_halves_do_not_recompute_o_proj(monkeypatch):
     torch.testing.assert_close(loss, whole_loss, rtol=1e-5, atol=1e-4)
     for name, g in whole_grads.items():
         assert (grads[name] - g).norm() / g.norm() < 1e-4, name
+    decoder._compiled.cache_clear()
+    torch._dynamo.reset()
+
+
+def test_kept_attention_half_is_not_recomputed_and_waits_in_cpu_memory(monkeypatch):
+    """With ``keep``, the compiled attention half keeps its base projections' and attention's
+    outputs, moved to CPU memory with its input, instead of recomputing them: its backward has
+    three matmuls fewer (q, k, v; LoRA's rank-r ones are still recomputed), the loss and every
+    gradient are unchanged, and everything moved comes back once."""
+    from peft import LoraConfig, get_peft_model
+
+    from danlu.fast import Options, offload
+
+    backward_graphs = []
+    compile_recording(monkeypatch, backward_graphs)
+    monkeypatch.setattr(decoder, "offloads", lambda options, device: options.offload)  # CPU to CPU
+    monkeypatch.setattr(offload, "SMALLEST", 1)  # the test's tensors are tiny
+    made = []
+    real = offload.Offloader
+    monkeypatch.setattr(decoder, "Offloader", lambda *a: made.append(real(*a)) or made[-1])
+    ids = torch.randint(3, 120, (1, 24), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def run(keep):
+        decoder._compiled.cache_clear()
+        torch._dynamo.reset()
+        backward_graphs.clear()
+        base = small("llama")
+        base.gradient_checkpointing_enable({"use_reentrant": False})
+        # rank 1: LoRA's matmuls are 16x narrower or wider than the projections, as at real sizes
+        model = get_peft_model(base, LoraConfig(r=1, target_modules="all-linear", init_lora_weights=False))
+        model.train()
+        loss = fast.loss_sum(model, batch, Options(keep=keep))
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, [matmuls(g) for g in backward_graphs]
+
+    loss, grads, mm = run(keep=False)
+    kept_loss, kept_grads, kept_mm = run(keep=True)
+    # backward graphs, compiled in the backward's order: the MLP half's, then the attention half's
+    assert len(mm) == 2 and kept_mm == [mm[0], mm[1] - 3]
+    torch.testing.assert_close(kept_loss, loss, rtol=1e-5, atol=1e-4)
+    for name, g in grads.items():
+        assert (kept_grads[name] - g).norm() / g.norm() < 1e-4, name
+    groups = made[-1].groups  # per layer: the attention half's (kept), the MLP half's input
+    hidden, kv = 48, 16
+    assert len(groups) == 4
+    for attention, mlp in zip(groups[::2], groups[1::2], strict=True):
+        shapes = sorted(tuple(s.host.shape) for s in attention.stored)
+        assert (24, hidden) in shapes and (24, kv) in shapes  # q's projection, k's and v's
+        assert (1, 6, 24, 8) in shapes  # the attention's output, heads first
+        assert [tuple(s.host.shape) for s in mlp.stored] == [(24, hidden)]
+    assert all(s.uses == 0 and s.gpu is None for g in groups for s in g.stored)  # each came back once
     decoder._compiled.cache_clear()
     torch._dynamo.reset()

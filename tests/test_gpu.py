@@ -170,11 +170,12 @@ def test_ddp_takes_the_compiled_fast_path_and_matches_one_process_on_cuda(tiny_m
 def test_padding_free_decoder_agrees_with_transformers_in_bf16_on_cuda(lengths):
     """Flash varlen attention (mixed lengths) or cuDNN attention (equal lengths) + compiled
     layers (bf16) against SDPA + transformers' modules (bf16), both measured against an fp32
-    reference: the fast path may not be further off than bf16 is."""
+    reference: the fast path may not be further off than bf16 is. Its attention halves kept
+    (not recomputed, in CPU memory) give what recomputing them gives."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from danlu.fast import ALL
+    from danlu.fast import ALL, Options
     from danlu.fast import loss as fast
 
     config = LlamaConfig(
@@ -223,6 +224,10 @@ def test_padding_free_decoder_agrees_with_transformers_in_bf16_on_cuda(lengths):
         hf_err = float((hf[name] - g).norm() / g.norm())
         fast_err = float((ours[name] - g).norm() / g.norm())
         assert fast_err <= 2 * hf_err + 1e-2, (name, fast_err, hf_err)
+    again_loss, again = grads(torch.bfloat16, lambda m: fast.loss_sum(m, batch, Options(keep=False)))
+    assert abs(again_loss - fast_loss) <= 1e-4 * abs(fast_loss)
+    for name, g in again.items():
+        assert float((ours[name] - g).norm() / g.norm()) < 1e-2, name
 
 
 @pytest.mark.parametrize("gqa", [False, True])
@@ -254,7 +259,8 @@ def test_dense_attention_equals_the_variable_length_kernel_on_cuda(monkeypatch, 
 @pytest.mark.parametrize("quantized", [False, True])
 def test_fast_path_keeps_little_but_weights_from_forward_to_backward_on_cuda(tmp_path, quantized):
     """What the forward leaves on the GPU for the backward: with the halves' inputs offloaded, at
-    most one of them; a 4-bit base's compiled layers never keep dequantized weights."""
+    most one of them, and no more with the attention halves kept (their outputs go to CPU memory
+    too); a 4-bit base's compiled layers never keep dequantized weights."""
     if quantized:
         pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
@@ -300,8 +306,9 @@ def test_fast_path_keeps_little_but_weights_from_forward_to_backward_on_cuda(tmp
 
     layer_input = tokens * hidden * 2
     dequantized = (4 * hidden * hidden + 3 * hidden * inter) * 2  # one layer's weights in bf16
-    kept, offloaded = held(Options(offload=False)), held(ALL)
+    kept, recomputing, offloaded = held(Options(offload=False)), held(Options(keep=False)), held(ALL)
     halves = 2 * layers  # compiled layers are checkpointed as two halves, each keeping its input
     assert kept >= halves * layer_input, kept
     assert offloaded <= kept - (halves - 1) * layer_input, (kept, offloaded)
+    assert recomputing <= kept - (halves - 1) * layer_input, (kept, recomputing)
     assert kept < halves * layer_input + dequantized, kept  # never a layer's dequantized weights per layer

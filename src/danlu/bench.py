@@ -94,16 +94,22 @@ ABLATION = [
     ("+ chunked loss", fast.LOSS_ONLY),
     (
         "+ padding-free varlen attention",
-        fast.Options(fused=False, lora=False, compile=False, offload=False, dense=False, split=False),
+        fast.Options(
+            fused=False, lora=False, compile=False, offload=False, dense=False, split=False, keep=False
+        ),
     ),
     (
         "+ fused RMSNorm/RoPE/SwiGLU",
-        fast.Options(lora=False, compile=False, offload=False, dense=False, split=False),
+        fast.Options(lora=False, compile=False, offload=False, dense=False, split=False, keep=False),
     ),
-    ("+ LoRA inside the matmul", fast.Options(compile=False, offload=False, dense=False, split=False)),
-    ("+ each layer compiled", fast.Options(offload=False, dense=False, split=False)),
-    ("+ layer inputs in CPU memory", fast.Options(dense=False, split=False)),
-    ("+ attention and MLP checkpointed apart", fast.Options(dense=False)),
+    (
+        "+ LoRA inside the matmul",
+        fast.Options(compile=False, offload=False, dense=False, split=False, keep=False),
+    ),
+    ("+ each layer compiled", fast.Options(offload=False, dense=False, split=False, keep=False)),
+    ("+ layer inputs in CPU memory", fast.Options(dense=False, split=False, keep=False)),
+    ("+ attention and MLP checkpointed apart", fast.Options(dense=False, keep=False)),
+    ("+ attention not recomputed, kept in CPU memory", fast.Options(dense=False)),
 ]
 
 

@@ -45,9 +45,12 @@ class Options:
     offload: bool = True  # checkpointed layers' inputs wait in CPU memory, on CUDA (padding-free decoder)
     dense: bool = True  # equal-length sequences through cuDNN's attention, on CUDA (padding-free decoder)
     split: bool = True  # attention and MLP halves checkpointed apart: o_proj not recomputed (padding-free)
+    keep: bool = (
+        True  # attention halves not recomputed: what they keep waits in CPU memory (with offload, split)
+    )
 
 
 ALL = Options()
 LOSS_ONLY = Options(
-    varlen=False, fused=False, lora=False, compile=False, offload=False, dense=False, split=False
+    varlen=False, fused=False, lora=False, compile=False, offload=False, dense=False, split=False, keep=False
 )

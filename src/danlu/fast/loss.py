@@ -52,6 +52,7 @@ def describe(model: Any, options: Options = ALL) -> str:
             parts.append("fused kernels")
         parts += ["LoRA inside the matmul"] if options.lora else []
         parts += ["checkpointed layers' inputs in CPU memory"] if decoder.offloads(options, device) else []
+        parts += ["attention not recomputed"] if decoder.keeps_attention(lm, options, device) else []
         return ", ".join([*parts, "chunked loss"])
     return "chunked loss"
 

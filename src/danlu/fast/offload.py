@@ -1,33 +1,41 @@
-"""Checkpointed layers' inputs kept in CPU memory between the forward and the backward.
+"""Activations kept for the backward in CPU memory, copied out and back while other layers compute.
 
 With every decoder layer checkpointed, what stays on the GPU from the forward to the backward is
-each layer's input: for an 8B model at 4,096 tokens, 32 MB a layer, 1 GiB in all, on top of the
-weights. :class:`Offloader` moves each of these to pinned CPU memory as the layer's forward ends
-and brings it back as the backward reaches the layer. Both copies run on a stream of their own,
-so they overlap the layers' compute: the copy out starts when the layer has run, and when the
-backward asks for layer i's input, the copy of layer i-1's input back to the GPU starts, while
-layer i's backward runs.
+each checkpointed part's input: for an 8B model at 4,096 tokens, 32 MB a part. A part that keeps
+some of its results so that the backward need not compute them again (the attention half, see
+:func:`danlu.fast.decoder._checkpointed_attention`) keeps more: 80 MB more at that size.
+:class:`Offloader` moves what a part keeps to pinned CPU memory as the part's forward ends and
+brings it back ahead of the backward's need, both copies on a stream of their own, so that they
+overlap the layers' compute.
 
 It works through autograd's saved-tensor hooks (``torch.autograd.graph.saved_tensors_hooks``),
-entered around one layer at a time and only for the tensor that is that layer's input: whatever
-else the layer saves (weights, rotary tables, offsets) stays where it is. The layer must save its
-input through autograd (a compiled layer does; in eager mode, the reentrant checkpoint does).
+entered around one part at a time. Each part's tensors are one group; the backward runs the parts
+in reverse, so when it asks for a group, the copies back of the groups below it start too, as
+many as :data:`AHEAD` bytes' worth. Weights, the rotary tables and anything small stay where they
+are. The part must save through autograd (a compiled part does; in eager mode, the reentrant
+checkpoint does).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
 import torch
 
+AHEAD = 64 * 2**20
+"""Bytes of the groups below the one the backward is at whose copies back are started early."""
+
+SMALLEST = 2**20
+"""A saved tensor of fewer bytes stays on the GPU (norms' and attention's statistics, LoRA's r columns)."""
+
 
 @dataclass
 class _Stored:
-    index: int
+    index: int  # the group's
     host: torch.Tensor  # the CPU copy
     device: torch.device
     gpu: torch.Tensor | None = None  # the copy back, once started
@@ -35,35 +43,60 @@ class _Stored:
     uses: int = 1  # saved references to it whose backward has not asked for it yet
 
 
-class Offloader:
-    """Saved-tensor hooks for one forward pass; make a new one for every forward."""
+@dataclass
+class _Group:
+    stored: list[_Stored] = field(default_factory=list)
+    nbytes: int = 0
 
-    def __init__(self, device: torch.device) -> None:
+
+class Offloader:
+    """Saved-tensor hooks for one forward pass; make a new one for every forward.
+
+    ``stay``: tensors that parts save for their backward but that are never moved (the weights,
+    what every layer shares, such as the rotary tables), nor any view of them."""
+
+    def __init__(self, device: torch.device, stay: Iterable[torch.Tensor] = ()) -> None:
         self.cuda = device.type == "cuda"
         self.stream = _side_stream(device) if self.cuda else None
-        self.stored: list[_Stored] = []
+        self.stay = {t.untyped_storage().data_ptr() for t in stay}
+        self.groups: list[_Group] = []
         self.moved_bytes = 0
 
+    @property
+    def stored(self) -> list[_Stored]:
+        return [s for g in self.groups for s in g.stored]
+
     @contextmanager
-    def saving(self, x: torch.Tensor) -> Iterator[None]:
-        """Within the block, a saved tensor that is ``x`` (same memory and shape) goes to the CPU."""
-        key = (x.untyped_storage().data_ptr(), x.storage_offset(), x.shape, x.stride())
-        moved: list[_Stored] = []
+    def saving(self, x: torch.Tensor | None = None) -> Iterator[None]:
+        """Within the block (one part's forward), a saved tensor that is ``x`` (same memory and
+        shape) goes to the CPU; without ``x``, every saved activation of at least :data:`SMALLEST` bytes."""
+        index, group = len(self.groups), _Group()
+        self.groups.append(group)
+        wanted = None if x is None else _key(x)
+        seen: dict[tuple, _Stored] = {}
 
         def pack(t: torch.Tensor) -> Any:
-            if (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride()) != key:
+            key = _key(t)
+            if key != wanted if wanted is not None else not self._movable(t):
                 return t
-            if moved:  # saved twice by the layer: one copy serves both
-                moved[0].uses += 1
-            else:
-                moved.append(self._out(t))
-            return moved[0]
+            if key in seen:  # saved twice by the part: one copy serves both
+                seen[key].uses += 1
+                return seen[key]
+            seen[key] = self._out(t, index, group)
+            return seen[key]
 
         with torch.autograd.graph.saved_tensors_hooks(pack, self._back):
             yield
 
-    def _out(self, t: torch.Tensor) -> _Stored:
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
+    def _movable(self, t: torch.Tensor) -> bool:
+        return (
+            t.numel() * t.element_size() >= SMALLEST
+            and _dense(t)  # comes back with the same strides
+            and t.untyped_storage().data_ptr() not in self.stay
+        )
+
+    def _out(self, t: torch.Tensor, index: int, group: _Group) -> _Stored:
+        host = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, pin_memory=self.cuda)
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(self.stream):
@@ -71,21 +104,29 @@ class Offloader:
             t.record_stream(self.stream)  # its memory is not reused before the copy has read it
         else:
             host.copy_(t)
-        self.moved_bytes += t.numel() * t.element_size()
-        stored = _Stored(len(self.stored), host, t.device)
-        self.stored.append(stored)
+        nbytes = t.numel() * t.element_size()
+        self.moved_bytes += nbytes
+        group.nbytes += nbytes
+        stored = _Stored(index, host, t.device)
+        group.stored.append(stored)
         return stored
 
     def _back(self, packed: Any) -> torch.Tensor:
         if not isinstance(packed, _Stored):
             return packed
         self._fetch(packed)
-        if packed.index > 0:  # the backward runs the layers in reverse: start the previous one's copy
-            self._fetch(self.stored[packed.index - 1])
+        # the backward runs the parts in reverse: start the copies of the ones below
+        ahead, below = 0, packed.index - 1
+        while below >= 0 and (ahead == 0 or ahead < AHEAD):
+            group = self.groups[below]
+            for s in group.stored:
+                self._fetch(s)
+            ahead += max(group.nbytes, 1)
+            below -= 1
         gpu = packed.gpu
         packed.uses -= 1
         if packed.uses <= 0:
-            packed.gpu = None  # autograd holds it now: do not keep it past the layer's backward
+            packed.gpu = None  # autograd holds it now: do not keep it past the part's backward
         if self.cuda:
             current = torch.cuda.current_stream(gpu.device)
             current.wait_event(packed.ready)
@@ -93,7 +134,7 @@ class Offloader:
         return gpu
 
     def _fetch(self, stored: _Stored) -> None:
-        if stored.gpu is not None:
+        if stored.gpu is not None or stored.uses <= 0:  # under way, or used and let go
             return
         if not self.cuda:
             stored.gpu = stored.host.clone()
@@ -101,6 +142,16 @@ class Offloader:
         with torch.cuda.stream(self.stream):
             stored.gpu = stored.host.to(stored.device, non_blocking=True)
             stored.ready = self.stream.record_event()
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory exactly, in some order of its dimensions."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    return t.permute(order).is_contiguous()
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
 
 
 @cache
