@@ -227,7 +227,9 @@ def test_padding_free_decoder_agrees_with_transformers_in_bf16_on_cuda(lengths):
     again_loss, again = grads(torch.bfloat16, lambda m: fast.loss_sum(m, batch, Options(keep=False)))
     assert abs(again_loss - fast_loss) <= 1e-4 * abs(fast_loss)
     for name, g in again.items():
-        assert float((ours[name] - g).norm() / g.norm()) < 1e-2, name
+        # not bitwise: the kept half's graph is fused differently, so bf16 rounds elsewhere (up to
+        # 1.3% measured on the H100); a tensor of another layer or step would be off by far more
+        assert float((ours[name] - g).norm() / g.norm()) < 3e-2, name
 
 
 @pytest.mark.parametrize("gqa", [False, True])
@@ -259,8 +261,8 @@ def test_dense_attention_equals_the_variable_length_kernel_on_cuda(monkeypatch, 
 @pytest.mark.parametrize("quantized", [False, True])
 def test_fast_path_keeps_little_but_weights_from_forward_to_backward_on_cuda(tmp_path, quantized):
     """What the forward leaves on the GPU for the backward: with the halves' inputs offloaded, at
-    most one of them, and no more with the attention halves kept (their outputs go to CPU memory
-    too); a 4-bit base's compiled layers never keep dequantized weights."""
+    most one of them, and with the attention halves kept only their small statistics more (their
+    outputs go to CPU memory too); a 4-bit base's compiled layers never keep dequantized weights."""
     if quantized:
         pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
@@ -309,6 +311,8 @@ def test_fast_path_keeps_little_but_weights_from_forward_to_backward_on_cuda(tmp
     kept, recomputing, offloaded = held(Options(offload=False)), held(Options(keep=False)), held(ALL)
     halves = 2 * layers  # compiled layers are checkpointed as two halves, each keeping its input
     assert kept >= halves * layer_input, kept
-    assert offloaded <= kept - (halves - 1) * layer_input, (kept, offloaded)
     assert recomputing <= kept - (halves - 1) * layer_input, (kept, recomputing)
+    # keeping the attention halves' outputs (16 MB a layer here) adds only what is too small to
+    # move: attention's statistics (64 KB a layer here)
+    assert offloaded <= recomputing + layer_input // 4, (recomputing, offloaded)
     assert kept < halves * layer_input + dequantized, kept  # never a layer's dequantized weights per layer
