@@ -15,7 +15,9 @@ The parts, each switchable for the benchmark's ablation (:class:`Options`):
   per-operation Python and kernel-launch time; checkpointed, as two (attention, MLP), so that
   the backward does not run o_proj's forward again;
 - :mod:`danlu.fast.offload`: on CUDA, each checkpointed layer's input waits for the backward in
-  CPU memory, copied out and back while other layers compute.
+  CPU memory, copied out and back while other layers compute;
+- compiled and offloading, each attention half keeps its projections' and attention's outputs
+  (in CPU memory too) instead of recomputing them in the backward.
 """
 
 from __future__ import annotations
