@@ -47,9 +47,7 @@ class Options:
     offload: bool = True  # checkpointed layers' inputs wait in CPU memory, on CUDA (padding-free decoder)
     dense: bool = True  # equal-length sequences through cuDNN's attention, on CUDA (padding-free decoder)
     split: bool = True  # attention and MLP halves checkpointed apart: o_proj not recomputed (padding-free)
-    keep: bool = (
-        True  # attention halves not recomputed: what they keep waits in CPU memory (with offload, split)
-    )
+    keep: bool = True  # attention halves not recomputed: kept in CPU memory (compile, offload, split)
 
 
 ALL = Options()

@@ -77,7 +77,8 @@ class Offloader:
 
         def pack(t: torch.Tensor) -> Any:
             key = _key(t)
-            if key != wanted if wanted is not None else not self._movable(t):
+            moves = key == wanted if wanted is not None else self._movable(t)
+            if not moves:
                 return t
             if key in seen:  # saved twice by the part: one copy serves both
                 seen[key].uses += 1
@@ -115,7 +116,7 @@ class Offloader:
         if not isinstance(packed, _Stored):
             return packed
         self._fetch(packed)
-        # the backward runs the parts in reverse: start the copies of the ones below
+        # the backward runs the parts in reverse: start the copies of the ones below (at least one)
         ahead, below = 0, packed.index - 1
         while below >= 0 and (ahead == 0 or ahead < AHEAD):
             group = self.groups[below]
