@@ -219,8 +219,8 @@ def test_offloaded_layer_inputs_give_the_same_loss_and_gradients(monkeypatch, dr
     want_loss, want = run(off)
     made = []
 
-    def offloader(options, device, stay):  # on a CPU the offloader is off; here it copies CPU to CPU
-        made.append(offload.Offloader(device, stay) if options.offload else None)
+    def offloader(options, device, lm, *shared):  # on a CPU the offloader is off; here CPU to CPU
+        made.append(offload.Offloader(device, [*lm.parameters(), *shared]) if options.offload else None)
         return made[-1]
 
     monkeypatch.setattr(decoder, "_offloader", offloader)
@@ -271,34 +271,37 @@ def matmuls(graph) -> int:
     return sum(n.target == torch.ops.aten.mm.default for n in graph.graph.nodes)
 
 
+def run_compiled(backward_graphs, options, rank=4):
+    """One compiled (as :func:`compile_recording` set up) LoRA step of a fresh small Llama on one
+    row of 24 tokens: the loss, the LoRA gradients and each recorded backward graph's matmuls."""
+    from peft import LoraConfig, get_peft_model
+
+    decoder._compiled.cache_clear()
+    torch._dynamo.reset()
+    backward_graphs.clear()
+    ids = torch.randint(3, 120, (1, 24), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    base = small("llama")
+    base.gradient_checkpointing_enable({"use_reentrant": False})
+    lora = LoraConfig(r=rank, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(base, lora)
+    model.train()
+    loss = fast.loss_sum(model, batch, options)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, [matmuls(g) for g in backward_graphs]
+
+
 def test_compiled_halves_do_not_recompute_o_proj(monkeypatch):
     """Compiled, each checkpointed half recomputes only what its backward reads: the attention
     half's output (o_proj's base and LoRA B matmuls) is kept instead, and the loss and gradients
     do not change (graphs recorded by :func:`compile_recording`)."""
-    from peft import LoraConfig, get_peft_model
-
     from danlu.fast import Options
 
     backward_graphs = []
     compile_recording(monkeypatch, backward_graphs)
-    ids = torch.randint(3, 120, (1, 24), generator=torch.Generator().manual_seed(1))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-
-    def run(split):
-        decoder._compiled.cache_clear()
-        torch._dynamo.reset()
-        backward_graphs.clear()
-        base = small("llama")
-        base.gradient_checkpointing_enable({"use_reentrant": False})
-        model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-        model.train()
-        loss = fast.loss_sum(model, batch, Options(offload=False, split=split))
-        loss.backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        return loss.detach(), grads, [matmuls(g) for g in backward_graphs]
-
-    whole_loss, whole_grads, whole_mm = run(split=False)
-    loss, grads, mm = run(split=True)
+    whole_loss, whole_grads, whole_mm = run_compiled(backward_graphs, Options(offload=False, split=False))
+    loss, grads, mm = run_compiled(backward_graphs, Options(offload=False, split=True))
     assert len(whole_mm) == 1 and len(mm) == 2  # one graph per layer (reused), or one per half
     assert sum(mm) == whole_mm[0] - 2
     torch.testing.assert_close(loss, whole_loss, rtol=1e-5, atol=1e-4)
@@ -313,8 +316,6 @@ def test_kept_attention_half_is_not_recomputed_and_waits_in_cpu_memory(monkeypat
     outputs, moved to CPU memory with its input, instead of recomputing them: its backward has
     three matmuls fewer (q, k, v; LoRA's rank-r ones are still recomputed), the loss and every
     gradient are unchanged, and everything moved comes back once."""
-    from peft import LoraConfig, get_peft_model
-
     from danlu.fast import Options, offload
 
     backward_graphs = []
@@ -324,25 +325,9 @@ def test_kept_attention_half_is_not_recomputed_and_waits_in_cpu_memory(monkeypat
     made = []
     real = offload.Offloader
     monkeypatch.setattr(decoder, "Offloader", lambda *a: made.append(real(*a)) or made[-1])
-    ids = torch.randint(3, 120, (1, 24), generator=torch.Generator().manual_seed(1))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-
-    def run(keep):
-        decoder._compiled.cache_clear()
-        torch._dynamo.reset()
-        backward_graphs.clear()
-        base = small("llama")
-        base.gradient_checkpointing_enable({"use_reentrant": False})
-        # rank 1: LoRA's matmuls are 16x narrower or wider than the projections, as at real sizes
-        model = get_peft_model(base, LoraConfig(r=1, target_modules="all-linear", init_lora_weights=False))
-        model.train()
-        loss = fast.loss_sum(model, batch, Options(keep=keep))
-        loss.backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        return loss.detach(), grads, [matmuls(g) for g in backward_graphs]
-
-    loss, grads, mm = run(keep=False)
-    kept_loss, kept_grads, kept_mm = run(keep=True)
+    # rank 1: LoRA's matmuls are 16x narrower or wider than the projections, as at real sizes
+    loss, grads, mm = run_compiled(backward_graphs, Options(keep=False), rank=1)
+    kept_loss, kept_grads, kept_mm = run_compiled(backward_graphs, Options(keep=True), rank=1)
     # backward graphs, compiled in the backward's order: the MLP half's, then the attention half's
     assert len(mm) == 2 and kept_mm == [mm[0], mm[1] - 3]
     torch.testing.assert_close(kept_loss, loss, rtol=1e-5, atol=1e-4)

@@ -238,13 +238,13 @@ def _case(
 def model_of(name: str, case: Case, s: Settings, device: str) -> tuple[dict[str, Any], str, Path | None]:
     """``case``'s shape, model type and, for a quantized case, the folder of its saved bf16 model
     (bitsandbytes quantizes while loading: every path loads that one copy; the caller removes it)."""
-    shape = SMOKE_SHAPE if s.smoke else SHAPES[case.shape]
+    shape, model_type = SMOKE_SHAPE if s.smoke else SHAPES[case.shape], model_type_of(case.shape)
     folder = None
     if case.quantization:
         folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"danlu-bench-{name}"
-        _build(shape, model_type_of(case.shape), device).save_pretrained(folder)
+        _build(shape, model_type, device).save_pretrained(folder)
         free_memory()
-    return shape, model_type_of(case.shape), folder
+    return shape, model_type, folder
 
 
 def model_type_of(shape_name: str) -> str:

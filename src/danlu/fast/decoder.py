@@ -66,7 +66,7 @@ def hidden_states(lm: Any, flat: Flat, options: Options) -> torch.Tensor:
     cos, sin = cos[0], sin[0]
     whole = compiles_layers(lm, options, x.device)
     ops = _Ops(x.device, options.fused and not whole, options.lora, options.dense)
-    offload = _offloader(options, x.device, [*lm.parameters(), cos, sin])
+    offload = _offloader(options, x.device, lm, cos, sin)
     # a 4-bit base's compiled checkpoint must be told to dequantize again rather than keep the result
     saved = _checkpointed_4bit if whole and getattr(lm, "hf_quantizer", None) is not None else _checkpointed
     if whole:
@@ -143,8 +143,9 @@ def offloads(options: Options, device: torch.device) -> bool:
     return options.offload and device.type == "cuda"
 
 
-def _offloader(options: Options, device: torch.device, stay: list[torch.Tensor]) -> Offloader | None:
-    return Offloader(device, stay) if offloads(options, device) else None
+def _offloader(options: Options, device: torch.device, lm: Any, *shared: torch.Tensor) -> Offloader | None:
+    """An offloader for one forward when offloading; it moves neither ``lm``'s weights nor ``shared``."""
+    return Offloader(device, [*lm.parameters(), *shared]) if offloads(options, device) else None
 
 
 def _checkpointed_4bit(
@@ -179,9 +180,8 @@ def _checkpointed_attention(
     """The attention half, checkpointed but for the outputs of its base projections and of the
     attention itself, which are kept: the backward recomputes only the norm, LoRA's low-rank
     products and the rotary embedding. For an 8B layer at 4,096 tokens that is 80 MB kept (q, k,
-    v, the attention's output and statistics) for 0.5 ms of recomputation saved; moved to CPU
-    memory with the half's input, 4.6 GB a step for all 32 layers' two halves, which the copies
-    carry while the forward runs."""
+    v, the attention's output and statistics, by our count); moved to CPU memory with the half's
+    input. Measured on that model (A/B of the whole step): 4.3% faster, 14 ms a step for 32 layers."""
     return checkpoint(part, layer, x, cos, sin, flat, ops, use_reentrant=False, context_fn=_keeping)
 
 
