@@ -14,8 +14,10 @@ same data and seed as ``danlu bench``), once per path, each from the same start:
 - ``fast-eager-rounding``: the fast path with Inductor told to round every fused intermediate to
   bf16 where the eager operations would (``emulate_precision_casts``).
 
+A path named twice runs twice (the second as "<path> again"), which measures how far a path's
+own curve moves between runs from the same start (GPU kernels that add in varying order).
 Prints and writes each path's losses and its largest and mean relative difference from the fp32
-reference's loss and from the baseline's. ``--smoke`` runs the flow on the CPU with the bench's
+reference's loss, from the baseline's and, for a second run, from its first. ``--smoke`` runs the flow on the CPU with the bench's
 tiny shape (rows of 64 tokens; no compiling there, so the two fast paths are the same).
 """
 
@@ -58,25 +60,32 @@ def main() -> None:
         "paths": {},
     }
     for path in args.paths.split(","):
-        report["paths"][path] = {"losses": train(path, shape, model_type, batches, device)}
-        print(path, " ".join(f"{x:.4f}" for x in report["paths"][path]["losses"]), flush=True)
+        name = f"{path} again" if path in report["paths"] else path
+        report["paths"][name] = {"losses": train(path, shape, model_type, batches, device)}
+        print(name, " ".join(f"{x:.4f}" for x in report["paths"][name]["losses"]), flush=True)
     for against in ("fp32", "baseline"):
-        if against not in report["paths"]:
-            continue
-        ref = report["paths"][against]["losses"]
-        for path, r in report["paths"].items():
-            rel = [abs(a - b) / b for a, b in zip(r["losses"], ref, strict=True)]
-            signed = [(a - b) / b for a, b in zip(r["losses"], ref, strict=True)]
-            r[f"vs_{against}"] = {
-                "max": max(rel),
-                "mean": statistics.fmean(rel),
-                "mean_signed": statistics.fmean(signed),
-            }
-            print(
-                f"{path:22s} vs {against:8s}: max {max(rel):.4%}  mean {statistics.fmean(rel):.4%}  "
-                f"mean signed {statistics.fmean(signed):+.4%}"
-            )
+        if against in report["paths"]:
+            for path, r in report["paths"].items():
+                r[f"vs_{against}"] = difference(
+                    path, r["losses"], against, report["paths"][against]["losses"]
+                )
+    for path, r in report["paths"].items():
+        if path.endswith(" again"):
+            first = path.removesuffix(" again")
+            r["vs_its_first_run"] = difference(path, r["losses"], first, report["paths"][first]["losses"])
     Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+def difference(path: str, losses: list[float], against: str, ref: list[float]) -> dict[str, float]:
+    """The largest, mean and mean signed relative difference of ``losses`` from ``ref``, printed."""
+    rel = [abs(a - b) / b for a, b in zip(losses, ref, strict=True)]
+    signed = [(a - b) / b for a, b in zip(losses, ref, strict=True)]
+    out = {"max": max(rel), "mean": statistics.fmean(rel), "mean_signed": statistics.fmean(signed)}
+    print(
+        f"{path:22s} vs {against:8s}: max {out['max']:.4%}  mean {out['mean']:.4%}  "
+        f"mean signed {out['mean_signed']:+.4%}"
+    )
+    return out
 
 
 def train(path: str, shape: dict, model_type: str, batches: list[dict], device: str) -> list[float]:

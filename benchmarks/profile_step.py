@@ -4,7 +4,9 @@
 
 Builds the shape's random-weight model as `danlu bench` does, runs 3 warmup steps, profiles one
 step with torch.profiler and prints the kernels by total CUDA time, then the GPU time by kind of
-kernel (matmul, attention, Triton, copies, other) against the step's wall time.
+kernel (matmul, attention, Triton, copies, other) against the step's wall time, the same split by
+phase (forward, loss, backward: the loss from its first kernel to its last, told by name), and
+the longest stretches with no compute kernel running.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def main() -> None:
     )
     for name, ms in kinds.most_common():
         print(f"  {name:10s} {ms:8.1f} ms")
+    phases(kernels)
     gaps(kernels, args.gaps)
 
 
@@ -74,6 +77,28 @@ def gaps(kernels: list, n: int) -> None:
     )
     for g, before, after in sorted(found, reverse=True)[:n]:
         print(f"  {g / 1e3:7.3f} ms  after {before[:60]}  before {after[:60]}")
+
+
+LOSS = r"logsumexp|[Ss]oft[Mm]ax|cross_entropy|nll_loss"
+"""Kernels of the loss (danlu's chunked loss, or the log-softmax and NLL of the model's own)."""
+
+
+def phases(kernels: list) -> dict[str, dict[str, float]]:
+    """Print and return the compute kernels' time (ms) by phase and kind: the forward before the
+    loss's first kernel, the loss up to its last, the backward (and optimizer) after it."""
+    compute = [e for e in kernels if kind(e.name) != "copy"]
+    marks = [e.time_range.start for e in compute if re.search(LOSS, e.name)]
+    first, last = (min(marks), max(marks)) if marks else (float("inf"), float("inf"))
+    table: dict[str, dict[str, float]] = {}
+    for e in compute:
+        start = e.time_range.start
+        phase = "forward" if start < first else "loss" if start <= last else "backward"
+        row = table.setdefault(phase, {})
+        row[kind(e.name)] = row.get(kind(e.name), 0.0) + e.time_range.elapsed_us() / 1e3
+    for phase, row in table.items():
+        parts = ", ".join(f"{k} {ms:.1f}" for k, ms in sorted(row.items(), key=lambda kv: -kv[1]))
+        print(f"  {phase:8s} {sum(row.values()):7.1f} ms of compute kernels: {parts}")
+    return table
 
 
 KINDS = [  # first match wins

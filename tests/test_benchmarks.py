@@ -24,6 +24,8 @@ def _script(name: str):
 
 
 def test_loss_drift_trains_every_path_from_the_same_start_and_compares_with_fp32(tmp_path):
+    """Every path from the same start, each compared with fp32's curve and the baseline's; a path
+    named twice runs again and is compared with its first run."""
     pytest.importorskip("peft")
     out = tmp_path / "drift.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
@@ -34,7 +36,7 @@ def test_loss_drift_trains_every_path_from_the_same_start_and_compares_with_fp32
         "--steps",
         "4",
         "--paths",
-        "fp32,baseline,plain,fast",
+        "fp32,baseline,plain,fast,fast",
         "--out",
         str(out),
     ]
@@ -48,7 +50,7 @@ def test_loss_drift_trains_every_path_from_the_same_start_and_compares_with_fp32
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(out.read_text())
     paths = report["paths"]
-    assert list(paths) == ["fp32", "baseline", "plain", "fast"]
+    assert list(paths) == ["fp32", "baseline", "plain", "fast", "fast again"]
     ref = paths["fp32"]["losses"]
     assert len(ref) == 4 and abs(ref[-1] - ref[0]) / ref[0] > 3e-3  # it trained
     assert paths["fp32"]["vs_fp32"]["max"] == 0.0
@@ -58,6 +60,12 @@ def test_loss_drift_trains_every_path_from_the_same_start_and_compares_with_fp32
         assert path["vs_fp32"]["max"] == pytest.approx(worst)
         assert worst < 1e-3, name  # bf16 rounding, not a different (or no) training
     assert paths["baseline"]["vs_baseline"]["max"] == 0.0
+    again = [
+        abs(a - b) / b for a, b in zip(paths["fast again"]["losses"], paths["fast"]["losses"], strict=True)
+    ]
+    assert paths["fast again"]["vs_its_first_run"]["max"] == pytest.approx(max(again))
+    assert max(again) < 1e-5  # the CPU repeats itself
+    assert "vs_its_first_run" not in paths["fast"]
     assert "vs fp32" in run.stdout and report["environment"]["torch"]
 
 
@@ -94,7 +102,8 @@ def test_ab_options_runs_each_variant_every_round_from_the_same_start(tmp_path):
 
 
 def _kernel(name: str, start: float, end: float) -> SimpleNamespace:
-    return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end))
+    span = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+    return SimpleNamespace(name=name, time_range=span)
 
 
 def test_profile_kinds_and_gaps_leave_out_copies_to_and_from_the_cpu(capsys):
@@ -118,3 +127,24 @@ def test_profile_kinds_and_gaps_leave_out_copies_to_and_from_the_cpu(capsys):
     assert [line[0] for line in lines] == ["0.500", "0.200"]  # longest first
     assert lines[0][2:] == ["after", "gemm", "before", "gemm"]
     assert lines[1][2:] == ["after", "gemm", "before", "triton_a"]
+
+
+def test_profile_phases_split_compute_kernels_at_the_loss(capsys):
+    profile_step = _script("profile_step")
+    kernels = [
+        _kernel("gemm", 0, 1000),
+        _kernel("triton_a", 1000, 1500),
+        _kernel("Memcpy DtoH (Device -> Pinned)", 1000, 3000),  # a copy: no phase counts it
+        _kernel("triton_red_fused_logsumexp_0", 2000, 2200),
+        _kernel("gemm", 2200, 2500),  # the head's matmul, between the loss's kernels
+        _kernel("triton_red_fused_logsumexp_0", 2500, 2750),
+        _kernel("gemm", 3000, 5000),
+        _kernel("cudnn_sdpa_bprop", 5000, 5400),
+    ]
+    table = profile_step.phases(kernels)
+    assert table == {
+        "forward": {"matmul": 1.0, "triton": 0.5},
+        "loss": {"triton": 0.45, "matmul": 0.3},
+        "backward": {"matmul": 2.0, "attention": 0.4},
+    }
+    assert "forward      1.5 ms of compute kernels: matmul 1.0, triton 0.5" in capsys.readouterr().out

@@ -219,8 +219,8 @@ def test_offloaded_layer_inputs_give_the_same_loss_and_gradients(monkeypatch, dr
     want_loss, want = run(off)
     made = []
 
-    def offloader(options, device, lm, *shared):  # on a CPU the offloader is off; here CPU to CPU
-        made.append(offload.Offloader(device, [*lm.parameters(), *shared]) if options.offload else None)
+    def offloader(options, device, *shared):  # on a CPU the offloader is off; here CPU to CPU
+        made.append(offload.Offloader(device, shared) if options.offload else None)
         return made[-1]
 
     monkeypatch.setattr(decoder, "_offloader", offloader)
@@ -338,8 +338,9 @@ def test_kept_attention_half_is_not_recomputed_and_waits_in_cpu_memory(monkeypat
     assert len(groups) == 4
     for attention, mlp in zip(groups[::2], groups[1::2], strict=True):
         shapes = sorted(tuple(s.host.shape) for s in attention.stored)
-        assert (24, hidden) in shapes and (24, kv) in shapes  # q's projection, k's and v's
-        assert (1, 6, 24, 8) in shapes  # the attention's output, heads first
+        # the half's input, q's, k's and v's projections, the attention's output (heads first)
+        # and its statistics; never a weight (a parameter) nor the rotary tables
+        assert shapes == [(1, 6, 24), (1, 6, 24, 8), (24, kv), (24, kv), (24, hidden), (24, hidden)]
         assert [tuple(s.host.shape) for s in mlp.stored] == [(24, hidden)]
     assert all(s.uses == 0 and s.gpu is None for g in groups for s in g.stored)  # each came back once
     decoder._compiled.cache_clear()

@@ -10,14 +10,16 @@ from danlu.fast import offload
 from danlu.fast.offload import Offloader
 
 
-def chain(o: Offloader | None, w: torch.nn.Parameter, scale: torch.Tensor, groups: int = 4):
-    """``groups`` parts, each a matmul of a transposed view (saved as such) and a scaling."""
+def chain(o: Offloader | None, w: torch.nn.Parameter, scale: torch.Tensor, groups: int = 4, table=None):
+    """``groups`` parts, each a matmul of two transposed views (saved as such: one of an activation,
+    one of the weight ``w``), a scaling and, given a ``table``, a product with it."""
     torch.manual_seed(0)
     x = torch.randn(64, 64, requires_grad=True)
     h = x
     for _ in range(groups):
         with o.saving() if o else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            h = (h.t() @ w).t() * scale
+            h = (h.t() @ w.t()).t() * scale
+            h = h * table if table is not None else h
     return x, h
 
 
@@ -29,15 +31,17 @@ def small_enough(monkeypatch):
 def test_activations_move_weights_and_small_tensors_stay_and_gradients_match(small_enough):
     w = torch.nn.Parameter(torch.randn(64, 64) / 8)
     scale = torch.tensor([0.9], requires_grad=True)  # 4 bytes: stays
-    x, h = chain(None, w, scale)
+    table = torch.rand(64, 64) + 0.5  # shared by every part, like the rotary tables: told to stay
+    x, h = chain(None, w, scale, table=table)
     h.sum().backward()
     want = (x.grad, w.grad.clone(), scale.grad.clone())
     w.grad = scale.grad = None
 
-    o = Offloader(torch.device("cpu"), [w])
-    x, h = chain(o, w, scale)
+    o = Offloader(torch.device("cpu"), [table])
+    x, h = chain(o, w, scale, table=table)
     moved = o.stored
-    # per part: the matmul's transposed input and the product the scaling saved, never w or scale
+    # per part: the matmul's transposed input and the product the scaling saved; never the
+    # parameter's transposed view, scale or the table
     assert len(o.groups) == 4 and all(len(g.stored) == 2 for g in o.groups)
     assert o.moved_bytes == 8 * 64 * 64 * 4
     assert any(s.host.stride() == (1, 64) for s in moved)  # a transposed view comes back transposed
@@ -97,7 +101,7 @@ def test_the_backward_starts_copies_back_for_parts_below_up_to_ahead_bytes(
         return real_back(self, packed)
 
     monkeypatch.setattr(Offloader, "_back", back)  # before the hooks take it
-    o = Offloader(torch.device("cpu"), [w])
+    o = Offloader(torch.device("cpu"))
     _, h = chain(o, w, torch.tensor([0.9]))
     h.sum().backward()
     assert seen[0] == started

@@ -66,7 +66,7 @@ def hidden_states(lm: Any, flat: Flat, options: Options) -> torch.Tensor:
     cos, sin = cos[0], sin[0]
     whole = compiles_layers(lm, options, x.device)
     ops = _Ops(x.device, options.fused and not whole, options.lora, options.dense)
-    offload = _offloader(options, x.device, lm, cos, sin)
+    offload = _offloader(options, x.device, cos, sin)
     # a 4-bit base's compiled checkpoint must be told to dequantize again rather than keep the result
     saved = _checkpointed_4bit if whole and getattr(lm, "hf_quantizer", None) is not None else _checkpointed
     if whole:
@@ -143,9 +143,9 @@ def offloads(options: Options, device: torch.device) -> bool:
     return options.offload and device.type == "cuda"
 
 
-def _offloader(options: Options, device: torch.device, lm: Any, *shared: torch.Tensor) -> Offloader | None:
-    """An offloader for one forward when offloading; it moves neither ``lm``'s weights nor ``shared``."""
-    return Offloader(device, [*lm.parameters(), *shared]) if offloads(options, device) else None
+def _offloader(options: Options, device: torch.device, *shared: torch.Tensor) -> Offloader | None:
+    """An offloader for one forward when offloading; it moves neither weights nor ``shared``."""
+    return Offloader(device, shared) if offloads(options, device) else None
 
 
 def _checkpointed_4bit(
