@@ -12,8 +12,8 @@ It works through autograd's saved-tensor hooks (``torch.autograd.graph.saved_ten
 entered around one part at a time. Each part's tensors are one group; the backward runs the parts
 in reverse, so when it asks for a group, the copies back of the groups below it start too, as
 many as :data:`AHEAD` bytes' worth. Parameters (and views of them), the tensors it is told to
-leave (the rotary tables) and anything small stay where they are. The part must save through autograd (a compiled part does; in eager mode, the reentrant
-checkpoint does).
+leave (the rotary tables) and anything small stay where they are. The part must save through
+autograd (a compiled part does; in eager mode, the reentrant checkpoint does).
 """
 
 from __future__ import annotations
