@@ -7,7 +7,7 @@ Each argument is one variant: ``field=value`` pairs of :class:`danlu.fast.Option
 commas (``all`` is every part on). The variants run in turn, ``--rounds`` times over (A B A B:
 drift of the GPU's clocks over the run shows up as a difference between rounds, not between
 variants), each time on a freshly loaded model with bench's batches, warmup and timing
-(:func:`danlu.bench._measure`). Writes tokens/s and peak memory of every run and, per variant,
+(:func:`danlu.bench.measure`). Writes tokens/s and peak memory of every run and, per variant,
 the median of its runs' tokens/s, its first round's loss at every step, how far its rounds' losses
 are apart (on a GPU, not bitwise: atomic adds in the backward), and how far its loss is from the
 first variant's. ``--smoke`` runs bench's tiny shape on the CPU, to check the flow.
@@ -83,12 +83,12 @@ def main() -> None:
     runs = []
     for round_ in range(args.rounds):
         for spec, opts in chosen.items():
-            model, optimizer = bench._load(shape, model_type, device, case.quantization, folder, False)
-            res = bench._measure(
+            model, optimizer = bench.load_path(shape, model_type, device, case.quantization, folder, False)
+            res = bench.measure(
                 spec,
                 model,
                 optimizer,
-                bench._danlu_step(opts),
+                bench.danlu_step(opts),
                 batches[: s.warmup],
                 batches[s.warmup :],
                 device,
@@ -107,7 +107,7 @@ def main() -> None:
         print(f"{spec}: median {row['tokens_per_s_median']:,.0f} tokens/s ({row['speed_vs_first']:.3f}x)")
     report = {
         "what": f"fast.Options variants on bench case {args.case}: {case.what}",
-        "environment": bench._environment(device),
+        "environment": bench.environment(device),
         "settings": {**s.__dict__, "rounds": args.rounds},
         "torch": torch.__version__,
         "variants": {spec: dataclasses.asdict(o) for spec, o in chosen.items()},

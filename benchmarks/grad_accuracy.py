@@ -32,12 +32,12 @@ def main() -> None:
     args = ap.parse_args()
     shape = dict(SHAPES[args.shape], num_hidden_layers=args.layers)
     model_type = bench.model_type_of(args.shape)
-    rows = bench._rows(shape["vocab_size"], 2, 2048, seed=1)
-    batch = {k: v.cuda() for k, v in bench._padded(rows).items()}
+    rows = bench.random_rows(shape["vocab_size"], 2, 2048, seed=1)
+    batch = {k: v.cuda() for k, v in bench.pad_rows(rows).items()}
     report = {"shape": args.shape, "layers": args.layers, "tokens": 4096, "paths": {}}
 
     def trained(baseline: bool) -> torch.nn.Module:
-        model, _ = bench._load(shape, model_type, "cuda", None, None, baseline)
+        model, _ = bench.load_path(shape, model_type, "cuda", None, None, baseline)
         generator = torch.Generator(device="cuda").manual_seed(5)
         with torch.no_grad():
             for name, p in sorted(model.named_parameters()):
@@ -55,15 +55,15 @@ def main() -> None:
         return float(loss.detach()), {n: p.grad.float().clone() for n, p in names.items()}
 
     baseline = trained(True)
-    results = {"baseline: transformers + peft": grads(baseline, bench._baseline_step)}
+    results = {"baseline: transformers + peft": grads(baseline, bench.baseline_step)}
     del baseline
     bench.free_memory()
     model = trained(False)
-    results["danlu plain (train.fast=off)"] = grads(model, bench._danlu_step(None))
-    results["danlu fast (train.fast=auto)"] = grads(model, bench._danlu_step(fast.ALL))
-    results["danlu fast without cuDNN attention"] = grads(model, bench._danlu_step(fast.Options(dense=False)))
+    results["danlu plain (train.fast=off)"] = grads(model, bench.danlu_step(None))
+    results["danlu fast (train.fast=auto)"] = grads(model, bench.danlu_step(fast.ALL))
+    results["danlu fast without cuDNN attention"] = grads(model, bench.danlu_step(fast.Options(dense=False)))
     model.float()
-    ref_loss, ref = grads(model, bench._danlu_step(None), autocast=False)
+    ref_loss, ref = grads(model, bench.danlu_step(None), autocast=False)
     norm = sum(float(g.norm() ** 2) for g in ref.values()) ** 0.5
     for label, (loss, g) in results.items():
         assert g.keys() == ref.keys(), label

@@ -53,7 +53,7 @@ def main() -> None:
     batches = bench.full_rows(shape, bench.Settings(steps=args.steps, warmup=0, seq=seq, batch=2))
     report: dict = {
         "command": "python benchmarks/loss_drift.py " + " ".join(sys.argv[1:]),
-        "environment": bench._environment(device),
+        "environment": bench.environment(device),
         "shape": args.shape,
         "layers": args.layers,
         "steps": args.steps,
@@ -94,13 +94,13 @@ def train(path: str, shape: dict, model_type: str, batches: list[dict], device: 
     kernels._compiled.cache_clear()
     torch._inductor.config.emulate_precision_casts = path == "fast-eager-rounding"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    model, optimizer = bench._load(shape, model_type, device, None, None, path == "baseline")
+    model, optimizer = bench.load_path(shape, model_type, device, None, None, path == "baseline")
     if path == "fp32":
         model.float()
     if path == "baseline":
-        step = bench._baseline_step
+        step = bench.baseline_step
     else:  # fp32 and plain: danlu's plain path; both fast variants: its fast path
-        step = bench._danlu_step(fast.ALL if path.startswith("fast") else None)
+        step = bench.danlu_step(fast.ALL if path.startswith("fast") else None)
     losses = []
     for batch in batches:
         b = {k: v.to(device) for k, v in batch.items()}

@@ -35,14 +35,14 @@ def main() -> None:
     args = ap.parse_args()
     shape = SHAPES[args.shape]
     baseline = args.path == "baseline"
-    model, optimizer = bench._load(shape, bench.model_type_of(args.shape), "cuda", None, None, baseline)
-    step = bench._baseline_step if baseline else bench._danlu_step(fast.ALL)
+    model, optimizer = bench.load_path(shape, bench.model_type_of(args.shape), "cuda", None, None, baseline)
+    step = bench.baseline_step if baseline else bench.danlu_step(fast.ALL)
     batches = bench.full_rows(shape, bench.Settings(steps=1, warmup=3))  # 4 batches of 2 x 2048
-    bench._measure("warmup", model, optimizer, step, batches[:3], [], "cuda")
+    bench.measure("warmup", model, optimizer, step, batches[:3], [], "cuda")
     activities = [ProfilerActivity.CUDA, ProfilerActivity.CPU] if args.cpu else [ProfilerActivity.CUDA]
     with profile(activities=activities) as prof:
         tic = time.perf_counter()
-        bench._measure("profiled", model, optimizer, step, [], batches[3:], "cuda")
+        bench.measure("profiled", model, optimizer, step, [], batches[3:], "cuda")
         wall = time.perf_counter() - tic
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70))
     kernels = sorted(

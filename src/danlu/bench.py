@@ -151,7 +151,7 @@ def run(
     if not settings.smoke and not torch.cuda.is_available():
         raise UserError("danlu bench needs a CUDA GPU; --smoke runs tiny shapes on the CPU to check the flow")
     device = "cpu" if settings.smoke else "cuda"
-    report: dict[str, Any] = {"environment": _environment(device), "settings": settings.__dict__, "cases": {}}
+    report: dict[str, Any] = {"environment": environment(device), "settings": settings.__dict__, "cases": {}}
     report["environment"]["matmul_peak_tflops"] = peak = matmul_peak(device)
     log(f"bf16 matmul peak: {peak:.2f} TFLOP/s")
     for name in cases:
@@ -194,8 +194,8 @@ def _case(
     if case.varlen:  # warmup and timed steps see different samples; both paths the same ones
         warm, timed = _varlen_samples(shape["vocab_size"], s)
         b = s.varlen_batch
-        base_batches = ([_padded(warm[i : i + b]) for i in range(0, b * s.warmup, b)],
-                        [_padded(timed[i : i + b]) for i in range(0, len(timed), b)])  # fmt: skip
+        base_batches = ([pad_rows(warm[i : i + b]) for i in range(0, b * s.warmup, b)],
+                        [pad_rows(timed[i : i + b]) for i in range(0, len(timed), b)])  # fmt: skip
         # the compiled layers compile three times over the first distinct sizes (fixed, then dynamic
         # token counts, then dynamic sequence counts): the warmup packs enough samples for that
         fast_batches = (_packed(warm, s.pack_tokens)[: max(s.warmup, 3)], _packed(timed, s.pack_tokens))
@@ -210,9 +210,9 @@ def _case(
         warm_b, timed_b = fast_batches if case.varlen and opts != "baseline" else base_batches
         if not case.varlen and opts not in ("baseline", fast.ALL):
             timed_b = timed_b[:10]  # the ablation's middle rows: speed and memory only
-        model, optimizer = _load(shape, model_type, device, case.quantization, folder, opts == "baseline")
-        step = _baseline_step if opts == "baseline" else _danlu_step(opts)
-        res = _measure(label, model, optimizer, step, warm_b, timed_b, device)
+        model, optimizer = load_path(shape, model_type, device, case.quantization, folder, opts == "baseline")
+        step = baseline_step if opts == "baseline" else danlu_step(opts)
+        res = measure(label, model, optimizer, step, warm_b, timed_b, device)
         res.mfu = _flops(shape, timed_b) / sum(res.step_s) / 1e12 / peak
         results.append(res)
         log(f"  {label}: {res.tokens_per_s:,.0f} tokens/s, MFU {res.mfu:.1%}, peak {res.peak_gib:.2f} GiB")
@@ -254,8 +254,8 @@ def model_type_of(shape_name: str) -> str:
 
 def full_rows(shape: dict[str, Any], s: Settings) -> list[dict[str, torch.Tensor]]:
     """The warmup then the timed batches of an equal-length case: ``s.batch`` full rows of ``s.seq``."""
-    rows = _rows(shape["vocab_size"], s.batch * (s.steps + s.warmup), s.seq, seed=1)
-    return [_padded(rows[i : i + s.batch]) for i in range(0, len(rows), s.batch)]
+    rows = random_rows(shape["vocab_size"], s.batch * (s.steps + s.warmup), s.seq, seed=1)
+    return [pad_rows(rows[i : i + s.batch]) for i in range(0, len(rows), s.batch)]
 
 
 def _build(shape: dict[str, Any], model_type: str, device: str) -> Any:
@@ -268,7 +268,7 @@ def _build(shape: dict[str, Any], model_type: str, device: str) -> Any:
         return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
 
 
-def _load(
+def load_path(
     shape: dict[str, Any],
     model_type: str,
     device: str,
@@ -315,13 +315,13 @@ def _config() -> Config:
     return cfg
 
 
-def _baseline_step(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def baseline_step(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     out.loss.backward()
     return out.loss
 
 
-def _danlu_step(options: fast.Options | None) -> Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]:
+def danlu_step(options: fast.Options | None) -> Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]:
     from danlu.train import forward, token_loss_sum
 
     def step(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -338,7 +338,7 @@ def _danlu_step(options: fast.Options | None) -> Callable[[Any, dict[str, torch.
     return step
 
 
-def _measure(
+def measure(
     label: str, model: Any, optimizer: Any, step: Callable, warm: list[dict], timed: list[dict], device: str
 ) -> PathResult:
     """Run the warmup batches, then time each of the others (peak memory over those only)."""
@@ -401,7 +401,7 @@ def _sentence(rng: random.Random, words: list[list[int]], weights: list[float], 
     return ids[:n]
 
 
-def _rows(vocab: int, n: int, length: int, seed: int) -> list[Sample]:
+def random_rows(vocab: int, n: int, length: int, seed: int) -> list[Sample]:
     """``n`` rows of ``length`` tokens, all trained."""
     words, weights = _words(vocab, seed)
     rng = random.Random(seed)
@@ -423,7 +423,7 @@ def _varlen_samples(vocab: int, s: Settings) -> tuple[list[Sample], list[Sample]
     return samples[:WARM_SAMPLES], samples[WARM_SAMPLES:]
 
 
-def _padded(rows: list[Sample]) -> dict[str, torch.Tensor]:
+def pad_rows(rows: list[Sample]) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -461,7 +461,7 @@ def _packed(samples: list[Sample], budget: int) -> list[dict[str, torch.Tensor]]
 # ---- helpers
 
 
-def _environment(device: str) -> dict[str, Any]:
+def environment(device: str) -> dict[str, Any]:
     import peft
     import transformers
 
