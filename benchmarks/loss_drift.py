@@ -17,8 +17,9 @@ same data and seed as ``danlu bench``), once per path, each from the same start:
 A path named twice runs twice (the second as "<path> again"), which measures how far a path's
 own curve moves between runs from the same start (GPU kernels that add in varying order).
 Prints and writes each path's losses and its largest and mean relative difference from the fp32
-reference's loss, from the baseline's and, for a second run, from its first. ``--smoke`` runs the flow on the CPU with the bench's
-tiny shape (rows of 64 tokens; no compiling there, so the two fast paths are the same).
+reference's loss, from the baseline's and, for a second run, from its first. ``--smoke`` runs
+the flow on the CPU with the bench's tiny shape (rows of 64 tokens; no compiling there, so the
+two fast paths are the same).
 """
 
 from __future__ import annotations
