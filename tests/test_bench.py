@@ -19,8 +19,14 @@ def test_bench_smoke_compares_both_paths_on_the_same_data(tmp_path, capsys):
     names = [p["path"] for p in lora["paths"]]
     assert names[0].startswith("baseline") and names[-1].startswith("danlu fast")
     assert len(names) == 11  # baseline, the nine ablation rows, the full fast path
+    settings = report["settings"]
+    timed_rows = settings["batch"] * 3  # the full fast path and the baseline time every step
     for p in lora["paths"]:
-        assert p["tokens_per_s"] > 0 and 0 < p["mfu"]
+        # tokens/s is the timed steps' tokens over their time
+        assert len(p["step_s"]) == p["steps"] == 3 and all(t > 0 for t in p["step_s"])
+        assert p["tokens"] == timed_rows * settings["seq"]
+        assert p["tokens_per_s"] == pytest.approx(p["tokens"] / sum(p["step_s"]), rel=1e-9)
+        assert 0 < p["mfu"] < 1
     first, last = lora["paths"][0], lora["paths"][-1]
     assert len(first["losses"]) == len(last["losses"]) == 3 + 3  # warmup + timed
     assert lora["loss_max_rel_diff"] < 1e-2  # same start, same batches: the same learning

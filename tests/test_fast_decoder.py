@@ -165,25 +165,49 @@ def test_lora_projections_equal_peft_and_fall_back_where_they_must(monkeypatch, 
             torch.testing.assert_close(lora.project([attn.q_proj], x)[0], attn.q_proj.base_layer(x))
 
 
-def test_layers_are_compiled_only_where_it_pays(monkeypatch, tmp_path):
-    pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def test_layers_are_compiled_only_with_cuda_triton_and_a_c_compiler(monkeypatch):
+    """Inductor's layer kernels need a CUDA device, Triton, and a C compiler for Triton's launcher;
+    without any one of them the layers run eagerly (and the switch off means off)."""
+    import importlib.util
+    import shutil
 
     from danlu.fast import kernels
 
-    cuda = torch.device("cuda")
-    plain = small("llama")
-    monkeypatch.setattr(kernels, "_toolchain", lambda: True)
-    assert decoder.compiles_layers(plain, ALL, cuda)
-    assert not decoder.compiles_layers(plain, ALL, torch.device("cpu"))  # Inductor's GPU kernels only
-    assert not decoder.compiles_layers(plain, LOSS_ONLY, cuda)
-    plain.save_pretrained(tmp_path)
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    real_find_spec = importlib.util.find_spec
+    have = {"triton": True, "cc": True}
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (
+            (object() if have["triton"] else None) if name == "triton" else real_find_spec(name, *a)
+        ),
     )
-    nf4 = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map={"": "cpu"})
-    assert decoder.compiles_layers(nf4, ALL, cuda)
-    # ...with a checkpoint that dequantizes again in the backward instead of keeping the weights
+    monkeypatch.setattr(
+        shutil, "which", lambda c: f"/usr/bin/{c}" if have["cc"] and c in kernels.C_COMPILERS else None
+    )
+
+    def compiles(options, device) -> bool:
+        kernels._toolchain.cache_clear()  # looked up once per process
+        return decoder.compiles_layers(options, device)
+
+    try:
+        assert compiles(ALL, cuda)
+        assert not compiles(ALL, cpu)  # Inductor's GPU kernels only
+        assert not compiles(LOSS_ONLY, cuda)  # compile switched off
+        have["cc"] = False
+        assert not compiles(ALL, cuda)
+        have["cc"], have["triton"] = True, False
+        assert not compiles(ALL, cuda)
+    finally:
+        kernels._toolchain.cache_clear()
+
+
+def test_a_4bit_base_is_dequantized_again_in_the_backward_not_kept():
+    """A compiled, checkpointed layer over a 4-bit base recomputes the dequantized weights in the
+    backward (keeping them would hold the 16-bit model in memory); other ops follow Inductor."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes  # noqa: F401  (registers its torch ops)
     from torch.utils.checkpoint import CheckpointPolicy
 
     assert (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -101,11 +102,51 @@ def test_freeze_tuning_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("flag", ["use_dora", "use_rslora"])
-def test_lora_variants_are_recorded_in_the_adapter(tiny_model_dir, tmp_path, flag):
-    result = train(cfg(tiny_model_dir, tmp_path, f"lora.{flag}=true", "train.max_steps=2"), progress=False)
-    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
-    assert saved[flag] is True
+def test_dora_trains_a_magnitude_vector_for_every_targeted_layer(tiny_model_dir, tmp_path):
+    result = train(cfg(tiny_model_dir, tmp_path, "lora.use_dora=true", "train.max_steps=3"), progress=False)
+    saved = load_file(result.adapter_dir / "adapter_model.safetensors")
+    magnitudes = {k: v for k, v in saved.items() if k.endswith("lora_magnitude_vector")}
+    lora_a = [k for k in saved if k.endswith("lora_A.weight")]
+    assert magnitudes and len(magnitudes) == len(lora_a)  # one per adapted layer
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    for key, magnitude in magnitudes.items():
+        weight = base[key.replace("base_model.model.", "").replace("lora_magnitude_vector", "weight")]
+        assert magnitude.shape == (weight.shape[0],)
+        # DoRA starts from the base's row norms and learns them: they moved
+        assert not torch.allclose(magnitude, weight.detach().norm(dim=1), atol=1e-4)
+
+
+def test_rslora_scales_the_update_by_alpha_over_sqrt_r(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    steps = ("train.max_steps=4", "train.lr=5e-2")
+    plain = train(cfg(tiny_model_dir, tmp_path, *steps, name="plain"), progress=False)
+    rs = train(cfg(tiny_model_dir, tmp_path, "lora.use_rslora=true", *steps, name="rs"), progress=False)
+    assert rs.losses[0] == pytest.approx(plain.losses[0], abs=1e-6)  # B starts at 0: the same first step
+    assert abs(rs.losses[-1] - plain.losses[-1]) > 1e-3  # then a twice larger update (8/sqrt(4) vs 8/4)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), rs.adapter_dir)
+    scales = [m.scaling["default"] for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert scales and scales == pytest.approx([8 / 4**0.5] * len(scales))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_sample_chats_leave_a_qlora_run_unchanged(wide_model_dir, tmp_path):
+    """A sample chat runs the 4-bit model in inference; on CPUs with AVX512-BF16 bitsandbytes then
+    repacks the weights for its inference kernel, and training went on differently (measured)."""
+    steps = ("model.quantization=nf4", "train.max_steps=6", "train.lr=5e-2")
+    quiet = train(cfg(wide_model_dir, tmp_path, *steps, name="quiet"), progress=False)
+    chatty = train(
+        cfg(
+            wide_model_dir,
+            tmp_path,
+            *steps,
+            'train.eval_prompts=["hi"]',
+            "train.sample_every=2",
+            name="chatty",
+        ),
+        progress=False,
+    )
+    assert chatty.losses == pytest.approx(quiet.losses, abs=1e-6)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"])
@@ -134,7 +175,16 @@ def test_eval_prompts_record_base_answers_then_tuned_answers(tiny_model_dir, tmp
     samples = [r for r in rows if "samples" in r]
     assert [r["step"] for r in samples] == [0, 2, 4]
     assert [s["prompt"] for s in samples[0]["samples"]] == ["Who are you?", "你是谁？"]
-    assert all(isinstance(s["answer"], str) for r in samples for s in r["samples"])
+    # step 0 is the base model's greedy answer, the last one the saved adapter's
+    from danlu.infer import Engine, GenerationSettings
+
+    greedy = GenerationSettings(max_new_tokens=64, temperature=0, repetition_penalty=1.0)
+    tuned = Engine(str(tiny_model_dir), result.adapter_dir, precision="fp32")
+    for row, use_adapter in ((samples[0], False), (samples[-1], True)):
+        for s in row["samples"]:
+            expected = tuned.reply([{"role": "user", "content": s["prompt"]}], greedy, use_adapter)
+            assert s["answer"] == expected
+    assert samples[0]["samples"] != samples[-1]["samples"]  # training changed the answers
 
 
 def test_quantization_needs_lora_and_unknown_loggers_are_refused(tiny_model_dir, tmp_path):
@@ -205,3 +255,20 @@ def test_warmup_ratio_and_the_loss_curve_png(tiny_model_dir, tmp_path):
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs[:4] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3])  # 3 warmup steps, then linear decay
     assert (result.output_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_answer_to_which_modules_are_the_decoder_layers(tiny_model_dir):
+    """model.decoder_layers serves freezing and FSDP2 alike: through peft, for a model whose
+    decoder has no ``layers`` (BLOOM's ``transformer.h``), and None where there is none."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from danlu.model import decoder_layers
+
+    llama = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert decoder_layers(llama) is llama.model.layers
+    wrapped = get_peft_model(llama, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert decoder_layers(wrapped) is llama.model.layers
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=16, n_layer=3, n_head=2))
+    assert decoder_layers(bloom) is bloom.transformer.h
+    assert decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2))) is None

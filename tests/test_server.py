@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 
 httpx = pytest.importorskip("httpx")
@@ -285,6 +286,10 @@ def test_cli_serve_binds_localhost_and_requires_the_api_key(tiny_model_dir):
                     break
             except httpx.TransportError:
                 time.sleep(0.3)
+        listening = {
+            c.laddr for c in psutil.Process(proc.pid).net_connections(kind="inet") if c.status == "LISTEN"
+        }
+        assert listening == {("127.0.0.1", port)}  # loopback only: not 0.0.0.0, not another interface
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             r = httpx.get(f"{base}/v1/models", headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import write_jsonl
 from danlu.config import DataConfig
-from danlu.data.formats import detect_format, read_records, record_tools, to_messages
+from danlu.data.formats import detect_format, record_tools, to_messages
 from danlu.data.sources import SkipReport, expand, load_sources, read_file
 from danlu.errors import UserError
 
@@ -207,11 +207,6 @@ def test_non_object_element_in_array(tmp_path):
     message = user_error(to_messages, records[1], "alpaca")
     assert message.startswith(f"{path}:3:")
     assert "got str" in message
-
-
-def test_read_records_alias_still_reads(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", RECORDS)
-    assert [r.data for r in read_records(str(path))] == RECORDS
 
 
 def test_malformed_json_line_goes_to_the_skip_report_when_given(tmp_path):

@@ -46,6 +46,7 @@ import torch
 
 from danlu import fast
 from danlu import model as mdl
+from danlu.bench_cases import CASES, Case
 from danlu.config import Config
 from danlu.data.render import IGNORE
 from danlu.errors import UserError
@@ -66,26 +67,6 @@ SMOKE_SHAPE = dict(
 )
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-
-@dataclass(frozen=True)
-class Case:
-    shape: str
-    what: str
-    quantization: str | None = None
-    varlen: bool = False
-    ablation: bool = False
-
-
-CASES = {
-    "lora-8b": Case("llama3-8b", "Llama-3-8B shape, LoRA r16 all-linear, bf16, 2 x 2048", ablation=True),
-    "lora-qwen7b": Case("qwen2.5-7b", "Qwen2.5-7B shape, LoRA r16 all-linear, bf16, 2 x 2048"),
-    "qlora-8b": Case("llama3-8b", "Llama-3-8B shape, QLoRA nf4 r16 all-linear, 2 x 2048", quantization="nf4"),
-    "varlen-8b": Case(
-        "llama3-8b",
-        "Llama-3-8B shape, LoRA r16, alpaca-like lengths: baseline batch 8 padded, danlu packed to 4096",
-        varlen=True,
-    ),
-}
 
 # the danlu variants: None is danlu's plain path (train.fast=off), the rest are fast.Options
 FULL = ("danlu fast (train.fast=auto)", fast.ALL)  # after the ablation: + cuDNN attention, equal lengths
@@ -299,7 +280,7 @@ def load_path(
         model.train()
     else:
         base = (
-            mdl.load_model(str(folder), dtype, device, False, qconfig)
+            mdl.load_model(str(folder), dtype, device, False, qconfig, training=True)
             if qconfig
             else _build(shape, model_type, device)
         )

@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import torch
 
 from danlu import distributed, zero
 from danlu.errors import UserError
+from danlu.files import atomic_dir
 
 PREFIX = "checkpoint-"
 STATE = "trainer_state.pt"
@@ -33,19 +32,6 @@ ZERO = "deepspeed"
 
 def _is_peft(model: Any) -> bool:
     return hasattr(model, "peft_config")
-
-
-def atomic_dir(target: Path, write: Callable[[Path], Any]) -> None:
-    """Write into a temporary sibling folder, then rename: a crash never leaves half a folder."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _rng_state() -> dict[str, Any]:

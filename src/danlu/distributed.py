@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from danlu import model as mdl
 from danlu.errors import UserError
 from danlu.fast.loss import Objective
 
@@ -159,7 +160,12 @@ def wrap(model: Any, world: World, device: str, dtype: torch.dtype, cpu_offload:
         }
         if cpu_offload:
             options["offload_policy"] = CPUOffloadPolicy()
-        for layer in decoder_layers(model):
+        layers = mdl.decoder_layers(model)
+        if layers is None:
+            raise UserError(
+                f"train.strategy=fsdp: found no decoder layers in {type(model).__name__}; use train.strategy=ddp"
+            )
+        for layer in layers:
             fully_shard(layer, **options)
         fully_shard(model, **options)
         return model
@@ -203,20 +209,6 @@ def unwrap(model: Any) -> Any:
     wrapped = hasattr(model, "require_backward_grad_sync") or type(model).__name__ == "DeepSpeedEngine"
     inner = model.module if hasattr(model, "module") and wrapped else model
     return inner.model if isinstance(inner, Objective) else inner
-
-
-def decoder_layers(model: Any) -> list[torch.nn.Module]:
-    """The repeated transformer blocks, the unit FSDP2 shards and gathers one at a time."""
-    blocks = [
-        m
-        for m in model.modules()
-        if isinstance(m, torch.nn.ModuleList) and len(m) > 0 and type(m[0]).__name__.endswith("DecoderLayer")
-    ]
-    if not blocks:
-        raise UserError(
-            f"train.strategy=fsdp: found no decoder layers in {type(model).__name__}; use train.strategy=ddp"
-        )
-    return list(blocks[0])
 
 
 def trainable_state(model: Any, world: World) -> dict[str, torch.Tensor]:

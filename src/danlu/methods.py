@@ -18,15 +18,6 @@ from danlu.config import Config
 from danlu.errors import UserError
 
 
-def decoder_layers(model: Any) -> torch.nn.ModuleList:
-    """The model's stack of decoder layers (the ModuleList as long as num_hidden_layers)."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    for _, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return module
-    raise UserError("train.method=freeze: cannot find this model's decoder layers; use lora or full")
-
-
 def prepare(base: Any, cfg: Config, dtype: torch.dtype, quantized: bool) -> Any:
     """The loaded base made ready to train: k-bit preparation, checkpointing, the trainable part."""
     checkpointing = {"use_reentrant": False}
@@ -67,7 +58,9 @@ def make_trainable(base: Any, cfg: Config) -> Any:
         base.requires_grad_(True)
         return base
     base.requires_grad_(False)
-    layers = decoder_layers(base)
+    layers = mdl.decoder_layers(base)
+    if layers is None:
+        raise UserError("train.method=freeze: cannot find this model's decoder layers; use lora or full")
     if t.freeze_layers > len(layers):
         raise UserError(f"train.freeze_layers={t.freeze_layers}, but the model has {len(layers)} layers")
     chosen = 0

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from danlu.errors import UserError
+from danlu.files import danlu_home
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,6 @@ ALIASES = {
         about="SmolLM2-135M-Instruct (Hugging Face), ChatML template; the embedded default",
     ),
 }
-
-
-def danlu_home() -> Path:
-    """The cache root: ``$DANLU_HOME`` or ``~/.cache/danlu``."""
-    return Path(os.environ.get("DANLU_HOME") or Path.home() / ".cache" / "danlu")
 
 
 def alias_cache(alias: Alias) -> Path:
@@ -162,11 +158,13 @@ def load_model(
     trust_remote_code: bool = False,
     quantization: Any = None,
     device_map: str | None = None,
+    training: bool = False,
 ) -> Any:
     """Load a causal LM from a resolved reference onto ``device`` (quantized while loading, if asked).
 
     ``device_map="auto"`` spreads the layers over every visible GPU (accelerate's big-model
-    loading) for models larger than one card.
+    loading) for models larger than one card. ``training``: the model is loaded to be trained
+    (see :func:`settle_cpu_4bit_kernel`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -184,7 +182,42 @@ def load_model(
         )
     except OSError as e:
         raise UserError(f"cannot load model {ref}: {str(e).splitlines()[0]}") from None
+    if quantization is not None and getattr(quantization, "load_in_4bit", False):
+        settle_cpu_4bit_kernel(model, training)
     return model if "device_map" in extra else model.to(device)
+
+
+def settle_cpu_4bit_kernel(model: Any, training: bool) -> int:
+    """Which 4-bit layers may use bitsandbytes' AVX512-BF16 CPU kernel; returns how many may not.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight into that kernel's
+    layout the first time the layer runs in eval mode without gradients, and keeps it so. Two
+    cases where that goes wrong, so those layers stay on bitsandbytes' generic path:
+
+    - a model being trained: a sample chat at step 0 repacks every layer, and the QLoRA run's
+      losses then differ from the same run without sample chats (measured on the CPU; with the
+      repack off they are identical);
+    - a layer whose input width is not a multiple of the quantization block (64) or whose output
+      width is not a multiple of 32 (only tiny test models have such layers): the repack fails
+      with a RuntimeError.
+
+    Elsewhere (and on CPUs without the flag, where bitsandbytes never repacks) nothing changes.
+    The switch is the layer's own attribute; no class of bitsandbytes is changed.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    kept_off = 0
+    for module in model.modules():
+        if not (isinstance(module, Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False)):
+            continue
+        state = module.weight.quant_state
+        blocksize = getattr(state, "blocksize", 64) or 64
+        if training or module.in_features % blocksize or module.out_features % 32:
+            module.support_avx512bf16_for_cpu = False
+            kept_off += 1
+    return kept_off
 
 
 def pick_device(precision: str = "auto") -> tuple[str, torch.dtype]:
@@ -212,6 +245,31 @@ def stop_token_ids(tokenizer: Any, model: Any | None = None) -> set[int]:
     elif isinstance(eos, list):
         ids.update(int(x) for x in eos)
     return ids
+
+
+def decoder_layers(model: Any) -> torch.nn.ModuleList | None:
+    """The model's stack of decoder layers, or None when it has none that can be told.
+
+    The one answer every part of danlu uses (freezing, FSDP2's units): the decoder's ``layers``
+    where the model names its decoder, else the ModuleList as long as ``num_hidden_layers``
+    (BLOOM's ``transformer.h``, remote-code models). Works through peft and DDP wrappers.
+    """
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP, FSDP wrappers
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):  # peft
+        inner = inner.get_base_model()
+    try:
+        layers = getattr(inner.get_decoder(), "layers", None)
+    except (AttributeError, NotImplementedError, TypeError):
+        layers = None
+    if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+        return layers
+    n = getattr(getattr(inner, "config", None), "num_hidden_layers", None)
+    for _, module in inner.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and n and len(module) == n:
+            return module
+    return None
 
 
 def add_lora(

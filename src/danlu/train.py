@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from danlu import checkpoint, distributed, zero
+from danlu import checkpoint, distributed, files, zero
 from danlu import model as mdl
 from danlu.config import CONFIG_FILENAME, Config, save_config, to_dict
 from danlu.data.dataset import build, collate, micro_batches
@@ -187,7 +187,7 @@ def _train(
     torch.manual_seed(cfg.train.seed)
     # FSDP2 and ZeRO-3 shard from the CPU copy, so no GPU ever holds the whole model
     load_on = "cpu" if world.strategy in ("fsdp", "zero3") else device
-    base = mdl.load_model(ref, weights_dtype, load_on, cfg.model.trust_remote_code, quant)
+    base = mdl.load_model(ref, weights_dtype, load_on, cfg.model.trust_remote_code, quant, training=True)
     model = prepare(base, cfg, dtype, quantized=quant is not None)
     # the fast path's loss becomes the model's forward: DDP reduces what runs inside its forward
     fast = (
@@ -339,7 +339,7 @@ def _train(
     state = distributed.full_state(model, world)  # FSDP2, ZeRO: gathered onto rank 0
     if world.main:
         plot_losses(out)
-        checkpoint.atomic_dir(
+        files.atomic_dir(
             result.adapter_dir,
             lambda tmp: (plain.save_pretrained(tmp, state_dict=state), tokenizer.save_pretrained(tmp)),
         )

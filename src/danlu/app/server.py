@@ -15,7 +15,6 @@ import argparse
 import functools
 import json
 import secrets
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +22,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from danlu.app.common import (
+    add_generation_flags,
+    add_loading_flags,
+    loading_options,
+    model_for,
+    port_free,
+    settings_from,
+)
+from danlu.config import DEFAULT_MODEL
 from danlu.errors import UserError
 
 MAX_BODY = 1 << 20  # bytes; larger requests get 413 before any parsing
@@ -373,25 +381,12 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
     return out
 
 
-def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def build_service(args: argparse.Namespace) -> Service:
     """Load the engine the CLI flags describe and wrap it for the routes."""
-    from danlu.app.chat import base_of_adapter, settings_from
-    from danlu.app.cli import loading_options
-    from danlu.config import DEFAULT_MODEL
     from danlu.infer import Engine
 
     adapters = parse_adapters(args.adapter or [])
-    first = next(iter(adapters.values()), None)
-    model = args.model or (base_of_adapter(first) if first else None) or DEFAULT_MODEL
+    model = model_for(args, next(iter(adapters.values()), None))
     engine = Engine(model, adapters=adapters, **loading_options(args))
     return Service(engine, model, settings_from(args))
 
@@ -414,12 +409,8 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: Any) -> None:
-    """Register `danlu serve` and `danlu web` on the CLI's subparsers."""
-    from danlu.app.cli import add_generation_flags, add_loading_flags
-    from danlu.app.web import add_parser as add_web_parser
-    from danlu.config import DEFAULT_MODEL
-
+def add_parser(sub: Any) -> None:
+    """Register `danlu serve` on the CLI's subparsers."""
     p = sub.add_parser(
         "serve",
         help="serve a model (and adapters) over an OpenAI-compatible HTTP API",
@@ -443,4 +434,3 @@ def add_parsers(sub: Any) -> None:
     add_loading_flags(p)
     add_generation_flags(p)
     p.set_defaults(func=run_serve)
-    add_web_parser(sub)

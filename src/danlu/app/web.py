@@ -14,6 +14,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from danlu.app.common import (
+    add_generation_flags,
+    add_loading_flags,
+    add_model_flags,
+    loading_options,
+    model_for,
+    port_free,
+    settings_from,
+)
 from danlu.errors import UserError
 
 if TYPE_CHECKING:
@@ -86,17 +95,13 @@ def run_web(args: argparse.Namespace) -> int:
         import gradio as gr
     except ImportError:
         raise UserError("danlu web needs gradio: pip install 'danlu[web]'") from None
-    from danlu.app.chat import base_of_adapter, settings_from
-    from danlu.app.cli import loading_options
-    from danlu.app.server import port_free
-    from danlu.config import DEFAULT_MODEL
     from danlu.infer import Engine
 
     if args.adapter and not Path(args.adapter).is_dir():
         raise UserError(f"--adapter {args.adapter}: no such folder; point it at OUTPUT/final of a run")
     if not port_free(args.host, args.port):
         raise UserError(f"--port {args.port}: {args.host}:{args.port} is in use; pick another port")
-    model = args.model or (base_of_adapter(args.adapter) if args.adapter else None) or DEFAULT_MODEL
+    model = model_for(args, args.adapter)
     engine = Engine(model, args.adapter, **loading_options(args))
     label = model + (f" + {args.adapter}" if args.adapter else "")
     demo = build_demo(engine, settings_from(args), label)
@@ -115,20 +120,12 @@ def run_web(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """Register `danlu web` on the CLI's subparsers."""
-    from danlu.app.cli import add_generation_flags, add_loading_flags
-    from danlu.config import DEFAULT_MODEL
-
     p = sub.add_parser(
         "web",
         help="chat with a model (and adapter) in the browser (Gradio)",
         description="A local chat page: streamed replies, history, system prompt, sampling sliders.",
     )
-    p.add_argument(
-        "--model",
-        default=None,
-        help=f"alias, folder or hub id (default: the adapter's base, else {DEFAULT_MODEL})",
-    )
-    p.add_argument("--adapter", default=None, help="LoRA adapter folder, e.g. out/identity/final")
+    add_model_flags(p, "LoRA adapter folder, e.g. out/identity/final")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument(

@@ -21,6 +21,7 @@ import numpy as np
 
 from danlu.config import DataConfig
 from danlu.data.render import Sample
+from danlu.files import danlu_home
 
 VERSION = 1
 # Settings that do not change the tokenized result.
@@ -28,8 +29,6 @@ _NOT_IN_KEY = {"cache", "num_proc"}
 
 
 def root() -> Path:
-    from danlu.model import danlu_home  # noqa: PLC0415 (the cache root is the model cache's)
-
     return danlu_home() / "data"
 
 
@@ -93,27 +92,26 @@ def _read_split(folder: Path, name: str) -> list[Sample]:
     ]
 
 
-def save(cache_key: str, train: list[Sample], evals: list[Sample], summary: Any) -> None:
-    """Write atomically: a crash mid-write leaves no entry, never a broken one."""
+def save(cache_key: str, train: list[Sample], evals: list[Sample], summary: dict[str, Any]) -> None:
+    """Write atomically: a crash mid-write leaves no entry, never a broken one. ``summary``: the
+    data summary as a JSON-able dict."""
     target = root() / cache_key
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache_key}-", dir=target.parent))
     try:
         _write_split(tmp, "train", train)
         _write_split(tmp, "eval", evals)
-        (tmp / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), ensure_ascii=False))
+        (tmp / "summary.json").write_text(json.dumps(summary, ensure_ascii=False))
         if not target.exists():
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load(cache_key: str) -> tuple[list[Sample], list[Sample], Any] | None:
-    """The cached samples and summary, or None when absent."""
-    from danlu.data.dataset import DataSummary
-
+def load(cache_key: str) -> tuple[list[Sample], list[Sample], dict[str, Any]] | None:
+    """The cached samples and the summary dict, or None when absent."""
     folder = root() / cache_key
     if not (folder / "summary.json").is_file():
         return None
-    summary = DataSummary(**json.loads((folder / "summary.json").read_text()))
+    summary = json.loads((folder / "summary.json").read_text())
     return _read_split(folder, "train"), _read_split(folder, "eval"), summary

@@ -12,6 +12,7 @@ megabytes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -240,7 +241,8 @@ def build(
     key = cache.key(cfg, tokenizer, stop_ids) if cfg.cache else None
     hit = cache.load(key) if key else None
     if hit is not None:
-        train, evals, summary = hit
+        train, evals, saved = hit
+        summary = DataSummary(**saved)
         summary.cached = True
         return train, evals, summary
     conversations, formats, skipped = load_conversations(cfg)
@@ -271,7 +273,7 @@ def build(
         evals = pack(evals, cfg.max_seq_length) if evals else []
         summary.packed_rows = len(train)
     if key:
-        cache.save(key, train, evals, summary)
+        cache.save(key, train, evals, dataclasses.asdict(summary))
     return train, evals, summary
 
 

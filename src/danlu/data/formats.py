@@ -65,15 +65,6 @@ def apply_columns(record: Record, columns: dict[str, str]) -> Record:
     return Record(data, record.path, record.line, dict(columns), record.format)
 
 
-def read_records(path: Any) -> list[Record]:
-    """Deprecated: use :func:`danlu.data.sources.read_file`."""
-    from pathlib import Path
-
-    from danlu.data.sources import read_file  # sources imports this module
-
-    return read_file(Path(path))
-
-
 def detect_format(record: Record) -> str:
     """Name the format of one record from its keys."""
     d = record.data

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from danlu import model as mdl
-from danlu.checkpoint import atomic_dir
 from danlu.config import CONFIG_FILENAME
 from danlu.errors import UserError
+from danlu.files import atomic_dir
 
 log = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ def hidden_states(lm: Any, flat: Flat, options: Options) -> torch.Tensor:
     x = decoder.embed_tokens(flat.input_ids)
     cos, sin = decoder.rotary_emb(x, flat.position_ids.unsqueeze(0))
     cos, sin = cos[0], sin[0]
-    whole = compiles_layers(lm, options, x.device)
+    whole = compiles_layers(options, x.device)
     ops = _Ops(x.device, options.fused and not whole, options.lora, options.dense)
     offload = _offloader(options, x.device, cos, sin)
     # a 4-bit base's compiled checkpoint must be told to dequantize again rather than keep the result
@@ -103,7 +103,7 @@ def hidden_states(lm: Any, flat: Flat, options: Options) -> torch.Tensor:
     return rms_norm(x, decoder.norm.weight, decoder.norm.variance_epsilon)
 
 
-def compiles_layers(lm: Any, options: Options, device: torch.device) -> bool:
+def compiles_layers(options: Options, device: torch.device) -> bool:
     """Whether each layer runs as one compiled graph: asked for and possible here."""
     return options.compile and kernels.can_compile(device)
 
@@ -133,7 +133,7 @@ def keeps_attention(lm: Any, options: Options, device: torch.device) -> bool:
         options.keep
         and options.split
         and offloads(options, device)
-        and compiles_layers(lm, options, device)
+        and compiles_layers(options, device)
         and getattr(lm, "hf_quantizer", None) is None
     )
 

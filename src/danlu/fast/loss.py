@@ -46,7 +46,7 @@ def describe(model: Any, options: Options = ALL) -> str:
     if options.varlen and decoder.supports(lm):
         device = lm.get_output_embeddings().weight.device
         parts = ["padding-free decoder, variable-length attention"]
-        if decoder.compiles_layers(lm, options, device):
+        if decoder.compiles_layers(options, device):
             parts.append("each layer compiled")
         elif options.fused and kernels.can_compile(device):
             parts.append("fused kernels")

@@ -1,0 +1,147 @@
+"""What the ``danlu`` verbs share: loading and sampling flags, the base of an adapter, a free port,
+and a quiet console. Every verb module may import this one; it imports no verb.
+
+Kept light on purpose: importing it (as ``danlu --help`` does through every verb's parser)
+loads neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from danlu.config import CONFIG_FILENAME, DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from danlu.infer import GenerationSettings
+
+# libraries whose own log lines are not the user's to act on (the real errors still come through)
+NOISY = ("transformers", "peft", "accelerate", "torch", "httpx", "bitsandbytes")
+# DeepSpeed sets its logger's level itself when imported, so its one line about the CPU is filtered
+DEEPSPEED_ON_CPU = "Setting accelerator to CPU"
+
+
+class _Drop(logging.Filter):
+    """Drops log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_libraries() -> None:
+    """danlu's own progress and messages only: library progress bars, info and warning chatter off.
+
+    bitsandbytes logs a warning on CPUs with AVX512-BF16 that an optional hub kernel is missing,
+    and DeepSpeed one that it picked the CPU: neither is for the user to act on.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.basicConfig(level=logging.INFO, format="danlu: %(message)s")
+    for noisy in NOISY:
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    deepspeed = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _Drop) for f in deepspeed.filters):
+        deepspeed.addFilter(_Drop(DEEPSPEED_ON_CPU))
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """Sampling flags of the verbs that generate (chat, serve, web)."""
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--repetition-penalty", type=float, default=1.1)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def add_loading_flags(p: argparse.ArgumentParser) -> None:
+    """How chat, serve and web load the model: precision, quantization, GPUs."""
+    g = p.add_argument_group("loading")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    g.add_argument(
+        "--quantization",
+        default="none",
+        choices=["none", "nf4", "fp4", "int8"],
+        help="load the base in 4 or 8 bits with bitsandbytes (less memory; adapters still apply)",
+    )
+    g.add_argument(
+        "--device-map",
+        default=None,
+        choices=["auto"],
+        help="auto: spread the model over every visible GPU (for models larger than one card)",
+    )
+
+
+def add_model_flags(p: argparse.ArgumentParser, adapter_help: str) -> None:
+    """``--model`` (defaulting to the adapter's base) and ``--adapter``."""
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"alias, folder or hub id (default: the adapter's base, else {DEFAULT_MODEL})",
+    )
+    p.add_argument("--adapter", default=None, help=adapter_help)
+
+
+def loading_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Engine keyword arguments of :func:`add_loading_flags`."""
+    return {"precision": args.precision, "quantization": args.quantization, "device_map": args.device_map}
+
+
+def settings_from(args: argparse.Namespace) -> GenerationSettings:
+    """The Engine's sampling settings from :func:`add_generation_flags`."""
+    from danlu.infer import GenerationSettings
+
+    return GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def base_of_adapter(adapter: str | Path) -> str | None:
+    """The base model an adapter was trained on: the run's config, else the PEFT metadata."""
+    path = Path(adapter)
+    run_config = path.parent / CONFIG_FILENAME
+    if run_config.is_file():
+        import yaml
+
+        return (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("model", {}).get("path")
+    meta = path / "adapter_config.json"
+    if meta.is_file():
+        return json.loads(meta.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    return None
+
+
+def model_for(args: argparse.Namespace, adapter: str | Path | None) -> str:
+    """``--model``, else the adapter's base, else the default model."""
+    return args.model or (base_of_adapter(adapter) if adapter else None) or DEFAULT_MODEL
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be bound now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
