@@ -44,7 +44,7 @@ DEVICE_PYTHON = "3.12"
 def pinned(name: str) -> str:
     """``name==version`` from the tested stack (src/danlu/constraints.txt)."""
     for line in CONSTRAINTS.read_text().splitlines():
-        if line.split("==")[0].strip().lower() == name:
+        if line.split("==")[0].strip().lower().replace("_", "-") == name:
             return line.strip()
     raise SystemExit(f"{name} is not pinned in {CONSTRAINTS}")
 
