@@ -1,4 +1,5 @@
-"""The memory planner: against the H100 measurements in ANCHORS.md, its monotonicity, its suggestions, its CLI."""
+"""The memory planner: against the H100 measurements it was fitted to and ANCHORS.md, out of sample
+against later H200 runs, its monotonicity, its suggestions, its CLI."""
 
 from __future__ import annotations
 
@@ -90,6 +91,56 @@ def test_measurements_file_agrees_with_the_table():
     for overrides, shape, allocated, seen in MEASURED:
         run = by_overrides[tuple(sorted(overrides))]
         assert run["shape"] == shape and round(run["peak_allocated_gib"], 2) == allocated
+        assert round(run["peak_reserved_gib"] + run["outside_allocator_gib"], 2) == seen
+
+
+# Out of sample: settings none of the constants above were fitted to, measured later on an H200
+# (benchmarks/memory_gpu.py configurations g-k → benchmarks/results/memory_gpu_h200.json):
+# (config, overrides, shape, max_memory_allocated GiB, max_memory_reserved + CUDA context GiB).
+H200 = [
+    ("h", ["lora.r=16", "train.batch_size=4", "data.max_seq_length=1024",
+           "train.gradient_checkpointing=true", "train.fast=off"], "llama3-8b", 22.42, 26.66),
+    ("j", ["lora.r=64", "train.batch_size=1", "data.max_seq_length=4096",
+           "train.gradient_checkpointing=true", "model.quantization=nf4"], "llama3-8b", 9.43, 11.84),
+    ("g", ["lora.r=64", "train.batch_size=1", "data.max_seq_length=4096",
+           "train.gradient_checkpointing=true"], "qwen2.5-7b", 18.65, 21.03),
+    ("i", ["train.method=full", "train.batch_size=2", "data.max_seq_length=2048",
+           "train.gradient_checkpointing=true", "train.fast=off"], "qwen2.5-1.5b", 26.72, 33.85),
+]  # fmt: skip
+# Without checkpointing the planner counts each layer's activations as fitted on the plain path
+# (configuration d); the compiled fast path keeps less of them, so this run is over-estimated by
+# 23%: on the safe side, but not tight (not yet modelled).
+H200_FAST_NO_CHECKPOINTING = (
+    "k", ["lora.r=8", "train.batch_size=8", "data.max_seq_length=512", "train.gradient_checkpointing=false"],
+    "llama-1b", 10.09, 11.23,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("name, overrides, shape, allocated, seen", H200)
+def test_estimate_holds_out_of_sample_on_h200(name, overrides, shape, allocated, seen):
+    """The stated accuracy on new data: allocated within ±6% (measured -5.0% ... +3.8%), the total
+    with the CUDA context within -12% ... +8% (measured -11.8% ... -1.2%)."""
+    plan = estimate(cfg(*overrides), SHAPES[shape])
+    assert abs(plan.allocated / GiB / allocated - 1) <= 0.06
+    assert -0.12 <= plan.total / GiB / seen - 1 <= 0.08
+
+
+def test_fast_path_without_checkpointing_is_over_not_under_estimated():
+    _, overrides, shape, allocated, _ = H200_FAST_NO_CHECKPOINTING
+    plan = estimate(cfg(*overrides), SHAPES[shape])
+    assert 1.0 <= plan.allocated / GiB / allocated <= 1.3
+
+
+def test_h200_measurements_file_agrees_with_the_table():
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks/results/memory_gpu_h200.json"
+    runs = {r["config"]: r for r in json.loads(path.read_text())["runs"]}
+    for name, overrides, shape, allocated, seen in [*H200, H200_FAST_NO_CHECKPOINTING]:
+        run = runs[name]
+        assert run["overrides"] == overrides and run["shape"] == shape and "error" not in run
+        assert round(run["peak_allocated_gib"], 2) == allocated
         assert round(run["peak_reserved_gib"] + run["outside_allocator_gib"], 2) == seen
 
 
