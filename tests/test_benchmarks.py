@@ -148,3 +148,31 @@ def test_profile_phases_split_compute_kernels_at_the_loss(capsys):
         "backward": {"matmul": 2.0, "attention": 0.4},
     }
     assert "forward      1.5 ms of compute kernels: matmul 1.0, triton 0.5" in capsys.readouterr().out
+
+
+def test_gpu_tests_bundle_pins_and_records_outcomes(tmp_path):
+    """benchmarks/gpu_tests.py: every wheel it bundles is pinned, and a JUnit report becomes the
+    record's rows (a failure and a skip counted as such)."""
+    gpu = _script("gpu_tests")
+    for name in gpu.MISSING:
+        assert gpu.pinned(name).split("==")[1][0].isdigit()
+    junit = tmp_path / "j.xml"
+    junit.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.test_gpu" name="test_a" time="1.5"/>'
+        '<testcase classname="tests.test_gpu" name="test_b" time="2"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_gpu" name="test_c" time="0"><skipped message="y"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    assert gpu.outcomes(junit) == [
+        {"test": "tests.test_gpu::test_a", "seconds": 1.5, "outcome": "passed"},
+        {"test": "tests.test_gpu::test_b", "seconds": 2.0, "outcome": "failed"},
+        {"test": "tests.test_gpu::test_c", "seconds": 0.0, "outcome": "skipped"},
+    ]
+
+
+def test_the_gpu_record_holds_a_run_of_the_one_command():
+    runs = json.loads((ROOT / "benchmarks/results/gpu_tests.json").read_text())["runs"]
+    ours = [r for r in runs if r.get("command", "").startswith("python3 benchmarks/gpu_tests.py run")]
+    assert ours and ours[-1]["failed"] == ours[-1]["error"] == 0 and ours[-1]["passed"] >= 22
+    assert ours[-1]["device"].startswith("NVIDIA") and ours[-1]["stack"]["bitsandbytes"]
