@@ -233,18 +233,32 @@ def pick_device(precision: str = "auto") -> tuple[str, torch.dtype]:
     return "cpu", torch.bfloat16
 
 
-def stop_token_ids(tokenizer: Any, model: Any | None = None) -> set[int]:
-    """Token ids generation stops on: the tokenizer's EOS plus the model's generation config."""
+def stop_token_ids(tokenizer: Any, model: Any | None = None, ref: str | None = None) -> set[int]:
+    """Token ids generation stops on: the tokenizer's EOS plus the generation config's ``eos_token_id``
+    (one id or a list: InternLM's and Gemma's end-of-turn tokens live only there), from the loaded
+    ``model`` or, before any weights are loaded, from ``ref``'s ``generation_config.json``."""
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else _generation_eos(ref)
     if isinstance(eos, int):
         ids.add(eos)
     elif isinstance(eos, list):
         ids.update(int(x) for x in eos)
     return ids
+
+
+def _generation_eos(ref: str | None) -> int | list[int] | None:
+    """``eos_token_id`` of ``ref``'s generation_config.json (a folder, or the hub's cached copy)."""
+    if ref is None:
+        return None
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(ref).eos_token_id
+    except (OSError, ValueError):  # no generation_config.json: nothing beyond the tokenizer's EOS
+        return None
 
 
 def decoder_layers(model: Any) -> torch.nn.ModuleList | None:
@@ -270,6 +284,41 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList | None:
         if isinstance(module, torch.nn.ModuleList) and n and len(module) == n:
             return module
     return None
+
+
+@torch.no_grad()
+def packing_leak(model: Any) -> float:
+    """How far packed samples see each other through ``model``'s own forward: 0 keeps them apart,
+    1 is as if they were one sequence.
+
+    danlu packs samples into one row with restarting position ids and no attention mask; most
+    transformers models then build a block-diagonal causal mask. Some ignore the position ids
+    (BLOOM's ALiBi attention takes them in ``**kwargs``) and let a sample attend to the ones
+    before it. Checked on the model itself with two short random sequences A and B: B's logits
+    packed after A, against B alone, relative to how much B's logits move when B really follows
+    A in one sequence.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        vocab = model.get_input_embeddings().num_embeddings
+        rows = torch.randint(0, vocab, (11,), generator=torch.Generator().manual_seed(0)).to(device)
+        b = rows[6:]  # A is rows[:6]
+
+        def logits(ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
+            pos = torch.tensor([positions], device=device)
+            return model(input_ids=ids[None], position_ids=pos, use_cache=False).logits[0, -len(b) :].float()
+
+        alone = logits(b, list(range(5)))
+        joined = logits(rows, list(range(11)))
+        packed = logits(rows, list(range(6)) + list(range(5)))
+    finally:
+        model.train(was_training)
+    context = float((joined - alone).abs().max())
+    if context <= 1e-4 * float(alone.abs().max()):  # B's logits barely depend on context: nothing to leak
+        return 0.0
+    return float((packed - alone).abs().max()) / context
 
 
 def add_lora(

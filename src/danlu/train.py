@@ -31,6 +31,7 @@ from danlu.data.render import IGNORE, Sample
 from danlu.data.templates import apply_template
 from danlu.errors import UserError
 from danlu.fast import PLAIN_LOSS_STRATEGIES
+from danlu.fast import Options as FastOptions
 from danlu.fast.loss import Objective as FastObjective
 from danlu.fast.loss import describe as fast_describe
 from danlu.fast.loss import supports as fast_loss_supports
@@ -180,7 +181,7 @@ def _train(
     tokenizer = mdl.load_tokenizer(ref, cfg.model.trust_remote_code)
     apply_template(tokenizer, cfg.data.template)
     with distributed.main_first(world):  # rank 0 tokenizes into the cache, the others read it
-        samples, eval_samples, summary = build(cfg.data, tokenizer, mdl.stop_token_ids(tokenizer))
+        samples, eval_samples, summary = build(cfg.data, tokenizer, mdl.stop_token_ids(tokenizer, ref=ref))
     log.info("data %s", summary.line())
 
     # 2) model + adapter, optimizer, schedule
@@ -188,11 +189,17 @@ def _train(
     # FSDP2 and ZeRO-3 shard from the CPU copy, so no GPU ever holds the whole model
     load_on = "cpu" if world.strategy in ("fsdp", "zero3") else device
     base = mdl.load_model(ref, weights_dtype, load_on, cfg.model.trust_remote_code, quant, training=True)
+    if cfg.data.packing:
+        check_packing(base)
     model = prepare(base, cfg, dtype, quantized=quant is not None)
     # the fast path's loss becomes the model's forward: DDP reduces what runs inside its forward
     fast = (
         cfg.train.fast == "auto" and world.strategy not in PLAIN_LOSS_STRATEGIES and fast_loss_supports(model)
     )
+    try:
+        fast = fast and fast_loss_agrees(model, samples[:2], tokenizer.pad_token_id, load_on, dtype)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(out_of_memory_advice(cfg, base.config)) from None
     if fast:
         model = FastObjective(model)
     model = distributed.wrap(model, world, device, dtype, cfg.train.fsdp_offload)
@@ -382,6 +389,53 @@ def out_of_memory_advice(cfg: Config, model_config: Any) -> str:
         f"CUDA out of memory (danlu plan estimates {need:.1f} GiB for this run, the GPU has {gpu / GiB:.1f} GiB); "
         f"try: {hint}"
     )
+
+
+# packed samples seeing each other this much (1: as one sequence) refuses packing
+PACKING_LEAK_LIMIT = 0.5
+
+
+def check_packing(model: Any) -> None:
+    """Refuse ``data.packing`` for a model whose own forward lets packed samples see each other."""
+    leak = mdl.packing_leak(model)
+    if leak > PACKING_LEAK_LIMIT:
+        raise UserError(
+            f"data.packing=true: {type(model).__name__} ignores the restarting positions, so packed samples "
+            f"would attend to each other (measured on this model: {leak:.0%} of a joined sequence's effect); "
+            "set data.packing=false"
+        )
+
+
+@torch.no_grad()
+def fast_loss_agrees(model: Any, samples: list[Sample], pad_id: int, device: str, dtype: torch.dtype) -> bool:
+    """The fast path's loss against the model's own forward on a couple of the run's samples (eager
+    parts, dropout off): a model whose logits are not its head's output (a scale, a soft cap, a
+    bias) or whose layers the fast decoder does not know gets the plain loss, with a log line."""
+    if not samples:
+        return True
+    was_training = model.training
+    model.eval()
+    batch = {k: v.to(device) for k, v in collate(samples, pad_id).items()}
+    eager = FastOptions(fused=False, compile=False, offload=False, split=False, keep=False)
+    mixed = device == "cuda" and dtype != torch.float32
+    autocast = torch.autocast("cuda", dtype=dtype) if mixed else nullcontext()
+    try:
+        with autocast:
+            fast = float(FastObjective(model, eager)(batch))
+            plain = float(token_loss_sum(forward(model, batch), batch["labels"]))
+    finally:
+        model.train(was_training)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    if abs(fast - plain) <= tolerance * max(abs(plain), 1e-6):
+        return True
+    name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+    log.info(
+        "fast path: its loss differs from %s's own on the first samples (%.6g vs %.6g); using the plain loss",
+        name,
+        fast,
+        plain,
+    )
+    return False
 
 
 def forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

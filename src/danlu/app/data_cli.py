@@ -70,9 +70,10 @@ def _tokenizer(args: argparse.Namespace, cfg: DataConfig) -> tuple[Any, set[int]
     from danlu.data.templates import apply_template
     from danlu.model import load_tokenizer, resolve, stop_token_ids
 
-    tokenizer = load_tokenizer(resolve(args.model))
+    ref = resolve(args.model)
+    tokenizer = load_tokenizer(ref)
     apply_template(tokenizer, cfg.template)
-    return tokenizer, stop_token_ids(tokenizer)
+    return tokenizer, stop_token_ids(tokenizer, ref=ref)
 
 
 # --------------------------------------------------------------------------- stats
