@@ -95,12 +95,13 @@ def test_attention_stays_within_each_sequence():
     torch.testing.assert_close(out, ref)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "qwen3"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_loss_and_lora_gradients_equal_transformers_forward(model_type, checkpointing):
     from peft import LoraConfig, get_peft_model
 
-    base = small(model_type, **({"sliding_window": None} if model_type == "mistral" else {}))
+    extra = {"mistral": {"sliding_window": None}, "qwen3": {"head_dim": 16}}.get(model_type, {})
+    base = small(model_type, **extra)
     assert decoder.supports(base)
     if checkpointing:
         base.gradient_checkpointing_enable({"use_reentrant": False})

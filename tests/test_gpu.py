@@ -166,21 +166,23 @@ def test_ddp_takes_the_compiled_fast_path_and_matches_one_process_on_cuda(tiny_m
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 @pytest.mark.parametrize("lengths", ["mixed", "equal"])
-def test_padding_free_decoder_agrees_with_transformers_in_bf16_on_cuda(lengths):
+def test_padding_free_decoder_agrees_with_transformers_in_bf16_on_cuda(lengths, model_type):
     """Flash varlen attention (mixed lengths) or cuDNN attention (equal lengths) + compiled
     layers (bf16) against SDPA + transformers' modules (bf16), both measured against an fp32
     reference: the fast path may not be further off than bf16 is. Its attention halves kept
     (not recomputed, in CPU memory) give what recomputing them gives."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from danlu.fast import ALL, Options
+    from danlu.fast import ALL, Options, decoder
     from danlu.fast import loss as fast
 
-    config = LlamaConfig(
-        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    extra = {"head_dim": 64} if model_type == "qwen3" else {}  # Qwen3: q/k norms over each head
+    config = AutoConfig.for_model(
+        model_type, vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **extra,
     )  # fmt: skip
     torch.manual_seed(0)
     ids = torch.randint(3, 512, (3, 96), device="cuda")
@@ -195,7 +197,8 @@ def test_padding_free_decoder_agrees_with_transformers_in_bf16_on_cuda(lengths):
 
     def grads(dtype, run):
         torch.manual_seed(0)
-        base = LlamaForCausalLM(config).to("cuda", dtype)
+        base = AutoModelForCausalLM.from_config(config).to("cuda", dtype)
+        assert decoder.supports(base)
         base.gradient_checkpointing_enable({"use_reentrant": False})
         torch.manual_seed(1)
         # one layer's q_proj scaled differently: the compiled layer must treat the scaling as a constant

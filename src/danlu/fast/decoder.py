@@ -23,9 +23,12 @@ from danlu.fast import Options, kernels, lora
 from danlu.fast.offload import Offloader
 from danlu.fast.varlen import Flat, attention
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 """model_type values whose decoder layers are exactly: RMSNorm, attention with rotary embedding
-(no sliding window, no q/k norm), residual, RMSNorm, SwiGLU MLP, residual."""
+(no sliding window; Qwen3's RMSNorm over each query and key head before the rotary embedding),
+residual, RMSNorm, SwiGLU MLP, residual. Each is checked equal to transformers' forward
+(tests/test_fast_decoder.py), and every run checks its loss against the model's own on its first
+samples before training (danlu.train.fast_loss_agrees)."""
 
 
 def supports(lm: Any) -> bool:
@@ -53,7 +56,10 @@ def supports(lm: Any) -> bool:
             return False
         if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
             return False
-        if hasattr(attn, "q_norm") or not hasattr(layer, "input_layernorm"):
+        if not hasattr(layer, "input_layernorm") or hasattr(attn, "q_norm") != hasattr(attn, "k_norm"):
+            return False
+        norms = [getattr(attn, n) for n in ("q_norm", "k_norm") if hasattr(attn, n)]
+        if not all(hasattr(m, "weight") and hasattr(m, "variance_epsilon") for m in norms):
             return False
     return True
 
@@ -250,7 +256,11 @@ def _attention_half(
     attn = layer.self_attn
     h = ops.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
     q, k, v = ops.project([attn.q_proj, attn.k_proj, attn.v_proj], h)
-    q, k = ops.rope(q.unflatten(-1, (-1, attn.head_dim)), k.unflatten(-1, (-1, attn.head_dim)), cos, sin)
+    q, k = q.unflatten(-1, (-1, attn.head_dim)), k.unflatten(-1, (-1, attn.head_dim))
+    if hasattr(attn, "q_norm"):  # Qwen3: each head's query and key normed before the rotary embedding
+        q = ops.rms_norm(q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
+        k = ops.rms_norm(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
+    q, k = ops.rope(q, k, cos, sin)
     o = attention(q, k, v.unflatten(-1, (-1, attn.head_dim)), flat, attn.scaling, ops.dense)
     return x + ops.project([attn.o_proj], o.flatten(-2))[0]
 
