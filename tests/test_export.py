@@ -171,9 +171,138 @@ def test_broken_parity_fails_and_writes_nothing(adapter, tmp_path, monkeypatch, 
 def test_parity_prompts_go_through_the_chat_template(tokenizer):
     from danlu.export.merge import render_prompts
 
-    prompts = render_prompts(tokenizer)
+    prompts, used = render_prompts(tokenizer)
     assert len(prompts) == len(PARITY_CHATS) == 3
     assert all(p[-3:] == tokenizer("<|im_start|>assistant\n")["input_ids"][-3:] for p in prompts)
+    assert used == "3 chats through the chat template"
+
+
+# ChatML that refuses a system turn, and Mistral v0.1's template (roles must alternate, from a user)
+NO_SYSTEM = (
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{%- endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
+
+def with_template(default_model_dir, template: str):
+    """A fresh copy of the SmolLM2 tokenizer with another chat template (the session one stays)."""
+    from danlu.model import load_tokenizer
+
+    tok = load_tokenizer(str(default_model_dir))
+    tok.chat_template = template
+    return tok
+
+
+@pytest.mark.parametrize(
+    ("template", "error"),
+    [(NO_SYSTEM, "System role not supported"), (MISTRAL, "Conversation roles must alternate")],
+)
+def test_parity_prompts_drop_the_system_turn_a_template_rejects(default_model_dir, template, error):
+    from danlu.export.merge import render_prompts
+
+    tok = with_template(default_model_dir, template)
+    with pytest.raises(Exception, match=error):  # the template really rejects the built-in chat
+        tok.apply_chat_template(PARITY_CHATS[1], tokenize=False)
+    prompts, used = render_prompts(tok)
+    assert used.startswith("3 chats through the chat template (system turn dropped from 1: ")
+    assert error in used
+    no_system = [m for m in PARITY_CHATS[1] if m["role"] != "system"]
+    kw = {"add_generation_prompt": True, "tokenize": True, "return_dict": False}
+    assert prompts[1] == list(tok.apply_chat_template(no_system, **kw))
+    assert prompts[0] == list(tok.apply_chat_template(PARITY_CHATS[0], **kw))
+    assert len(set(map(tuple, prompts))) == 3
+
+
+def test_parity_prompts_fall_back_to_plain_text_when_the_template_renders_nothing(default_model_dir):
+    from danlu.export.merge import render_prompts
+
+    tok = with_template(default_model_dir, "{{ raise_exception('this template renders nothing') }}")
+    prompts, used = render_prompts(tok)
+    assert used == "3 chats as plain text (the chat template rendered none: this template renders nothing)"
+    assert prompts == [tok(" ".join(m["content"] for m in c))["input_ids"] for c in PARITY_CHATS]
+
+
+@pytest.fixture(scope="module")
+def strict_adapter(default_model_dir, tmp_path_factory):
+    """An adapter trained by danlu over a tiny model whose chat template raises on a system turn."""
+    from conftest import build_tiny_llama
+    from danlu.config import load_config
+    from danlu.train import train
+
+    tmp = tmp_path_factory.mktemp("strict-run")
+    model_dir = build_tiny_llama(tmp / "model", with_template(default_model_dir, NO_SYSTEM))
+    records = [{"instruction": f"Who are you {i}?", "input": "", "output": "I am Danlu."} for i in range(4)]
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"data.path={write_jsonl(tmp / 'train.jsonl', records)}",
+            "data.cache=false",
+            f"output.dir={tmp / 'run'}",
+            "output.tensorboard=false",
+            "lora.r=4",
+            "lora.alpha=8",
+            "lora.dropout=0",
+            "train.max_steps=3",
+            "train.lr=5e-2",
+            "train.batch_size=4",
+        ],
+    )
+    return model_dir, train(cfg, progress=False).adapter_dir
+
+
+def test_merge_with_a_template_that_rejects_system_turns_still_checks_parity(
+    strict_adapter, tmp_path, monkeypatch, capsys
+):
+    model_dir, adapter = strict_adapter
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(adapter), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "on 3 chats through the chat template (system turn dropped from 1: System role not supported)"
+        in printed
+    )
+    assert "System role not supported" in (out / "README.md").read_text(encoding="utf-8")
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == NO_SYSTEM  # the run's template, carried along
+    ids = torch.tensor([list(range(5, 40))])
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    plain = logits(base, ids)
+    tuned = logits(PeftModel.from_pretrained(base, adapter), ids)
+    assert (tuned - plain).abs().max() > 1e-3
+    assert (
+        logits(AutoModelForCausalLM.from_pretrained(out), ids) - tuned
+    ).abs().max() < 5e-5 * tuned.abs().max()
+
+    # the check on those prompts is real: a 1% error in one tensor fails it, and nothing is written
+    from peft.tuners.tuners_utils import BaseTuner
+
+    original = BaseTuner.merge_and_unload
+
+    def corrupt(self, *args, **kwargs):
+        model = original(self, *args, **kwargs)
+        with torch.no_grad():
+            model.model.norm.weight.mul_(1.01)
+        return model
+
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", corrupt)
+    broken = tmp_path / "broken"
+    assert main(["merge", "--adapter", str(adapter), "--out", str(broken)]) == 2
+    captured = capsys.readouterr()
+    assert "parity check failed" in captured.err and "system turn dropped from 1" in captured.out
+    assert not broken.exists() and leftovers(tmp_path, "broken") == []
 
 
 # ------------------------------------------------------------------------------------- GGUF

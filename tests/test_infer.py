@@ -141,6 +141,16 @@ def test_front_ends_take_the_loading_flags(verb):
     assert loading_options(args) == {"precision": "bf16", "quantization": "nf4", "device_map": "auto"}
 
 
+@pytest.mark.parametrize("verb", ["chat", "serve", "web", "merge"])
+def test_every_verb_after_train_takes_trust_remote_code(verb):
+    """Off unless asked: unset (None) defers to the adapter's run config, else explicit either way."""
+    required = ["--adapter", "a", "--out", "o"] if verb == "merge" else []
+    parse = build_parser().parse_args
+    assert parse([verb, *required]).trust_remote_code is None
+    assert parse([verb, *required, "--trust-remote-code"]).trust_remote_code is True
+    assert parse([verb, *required, "--no-trust-remote-code"]).trust_remote_code is False
+
+
 def test_missing_bitsandbytes_is_named_before_loading(tiny_model_dir, monkeypatch):
     from danlu.errors import UserError
 

@@ -59,9 +59,9 @@ def running(app: object) -> Iterator[str]:
         thread.join(10)
 
 
-def serve_args(model: str, adapters: list[str], **extra: object) -> argparse.Namespace:
+def serve_args(model: str | None, adapters: list[str], **extra: object) -> argparse.Namespace:
     flags = dict(max_new_tokens=8, temperature=0.0, top_p=0.9, top_k=50, repetition_penalty=1.0, seed=None)
-    loading = dict(precision="fp32", quantization="none", device_map=None)
+    loading = dict(precision="fp32", quantization="none", device_map=None, trust_remote_code=None)
     return argparse.Namespace(model=model, adapter=adapters, **{**loading, **flags, **extra})
 
 

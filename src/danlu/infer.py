@@ -23,6 +23,7 @@ import torch
 
 from danlu import model as mdl
 from danlu.errors import UserError
+from danlu.export.merge import refusing_custom_code
 
 
 @dataclass
@@ -91,6 +92,8 @@ class Engine:
 
     ``adapter`` is the primary adapter (what :meth:`stream` uses); ``adapters`` maps further
     names to adapter folders over the same base, for front ends that pick one per request.
+    ``trust_remote_code`` lets the model (and tokenizers) run their own code; a model that needs
+    it is otherwise refused in one line naming ``--trust-remote-code``.
     """
 
     def __init__(
@@ -115,11 +118,13 @@ class Engine:
         self.adapter_dirs = named  # adapter name -> folder it was loaded from
         self.device, dtype = mdl.pick_device(precision)
         ref = mdl.resolve(model)
-        self.base_tokenizer = mdl.load_tokenizer(ref, trust_remote_code)
+        with refusing_custom_code(model):
+            self.base_tokenizer = mdl.load_tokenizer(ref, bool(trust_remote_code))
         quant = mdl.quantization_config(
             quantization, dtype
         )  # before loading: says if bitsandbytes is missing
-        base = mdl.load_model(ref, dtype, self.device, trust_remote_code, quant, device_map)
+        with refusing_custom_code(model):
+            base = mdl.load_model(ref, dtype, self.device, bool(trust_remote_code), quant, device_map)
         # peft adapter names must be valid module keys, so user names map to internal ones
         self._peft_names: dict[str, str] = {}
         self.tokenizers: dict[str | None, Any] = {None: self.base_tokenizer}
@@ -134,9 +139,10 @@ class Engine:
                 self._peft_names[name] = f"adapter{i}"
                 self.model.load_adapter(path, adapter_name=f"adapter{i}")
             own = (Path(path) / "tokenizer_config.json").is_file()  # the template the adapter trained with
-            self.tokenizers[name] = (
-                mdl.load_tokenizer(path, trust_remote_code) if own else self.base_tokenizer
-            )
+            with refusing_custom_code(path):
+                self.tokenizers[name] = (
+                    mdl.load_tokenizer(path, bool(trust_remote_code)) if own else self.base_tokenizer
+                )
         self.tokenizer = self.tokenizers[self.primary]
         self.model.eval()
         self.stop_ids = sorted(mdl.stop_token_ids(self.tokenizer, base))

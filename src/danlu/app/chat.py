@@ -14,6 +14,7 @@ from danlu.app.common import (
     loading_options,
     model_for,
     settings_from,
+    trust_remote_code,
 )
 from danlu.errors import UserError
 
@@ -28,7 +29,8 @@ def run_chat(args: argparse.Namespace) -> int:
     from danlu.infer import Engine
 
     model = model_for(args, args.adapter)
-    engine = Engine(model, args.adapter, **loading_options(args))
+    trust = trust_remote_code(args, model, args.adapter)
+    engine = Engine(model, args.adapter, trust_remote_code=trust, **loading_options(args))
     settings = settings_from(args)
     label = f"{model}" + (f" + {args.adapter}" if args.adapter else "")
     print(f"danlu chat — {label}\n{HELP}", flush=True)

@@ -1,5 +1,6 @@
-"""What the ``danlu`` verbs share: loading and sampling flags, the base of an adapter, a free port,
-and a quiet console. Every verb module may import this one; it imports no verb.
+"""What the ``danlu`` verbs share: loading and sampling flags, the base of an adapter and whether
+its run trusted the model's own code, a free port, and a quiet console. Every verb module may
+import this one; it imports no verb.
 
 Kept light on purpose: importing it (as ``danlu --help`` does through every verb's parser)
 loads neither torch nor transformers.
@@ -71,9 +72,21 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
 
 
+def add_trust_flag(p: Any) -> None:
+    """``--trust-remote-code`` / ``--no-trust-remote-code`` on a parser or argument group."""
+    p.add_argument(
+        "--trust-remote-code",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the model folder's own Python code (custom architectures, e.g. InternLM2); "
+        "default: what the adapter's run config says (model.trust_remote_code), else off",
+    )
+
+
 def add_loading_flags(p: argparse.ArgumentParser) -> None:
-    """How chat, serve and web load the model: precision, quantization, GPUs."""
+    """How chat, serve and web load the model: precision, quantization, GPUs, custom code."""
     g = p.add_argument_group("loading")
+    add_trust_flag(g)
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     g.add_argument(
         "--quantization",
@@ -118,14 +131,22 @@ def settings_from(args: argparse.Namespace) -> GenerationSettings:
     )
 
 
+def run_model_section(adapter: str | Path) -> dict[str, Any] | None:
+    """The ``model`` section of the run config saved next to an adapter (``OUTPUT/final``), if any."""
+    run_config = Path(adapter).parent / CONFIG_FILENAME
+    if not run_config.is_file():
+        return None
+    import yaml
+
+    return (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("model") or {}
+
+
 def base_of_adapter(adapter: str | Path) -> str | None:
     """The base model an adapter was trained on: the run's config, else the PEFT metadata."""
     path = Path(adapter)
-    run_config = path.parent / CONFIG_FILENAME
-    if run_config.is_file():
-        import yaml
-
-        return (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("model", {}).get("path")
+    section = run_model_section(path)
+    if section is not None:
+        return section.get("path")
     meta = path / "adapter_config.json"
     if meta.is_file():
         return json.loads(meta.read_text(encoding="utf-8")).get("base_model_name_or_path")
@@ -135,6 +156,29 @@ def base_of_adapter(adapter: str | Path) -> str | None:
 def model_for(args: argparse.Namespace, adapter: str | Path | None) -> str:
     """``--model``, else the adapter's base, else the default model."""
     return args.model or (base_of_adapter(adapter) if adapter else None) or DEFAULT_MODEL
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model references name the same thing (equal, or the same folder)."""
+    if not a or not b or a == b:
+        return bool(a) and a == b
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def trust_remote_code(args: argparse.Namespace, model: str, adapter: str | Path | None) -> bool:
+    """Whether ``model`` may run its own code: the flag when given, else the adapter's run config.
+
+    The run's ``model.trust_remote_code`` counts only for the model that run trained (so
+    ``--model`` naming another one never inherits the trust). Always a bool: transformers
+    asks interactively when given None.
+    """
+    if args.trust_remote_code is not None:
+        return bool(args.trust_remote_code)
+    section = run_model_section(adapter) if adapter else None
+    if not section or not section.get("trust_remote_code"):
+        return False
+    return _same_model(model, str(section.get("path") or ""))
 
 
 def port_free(host: str, port: int) -> bool:

@@ -7,9 +7,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from danlu.app.common import add_trust_flag, model_for, trust_remote_code
+
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from danlu.app.common import model_for
     from danlu.errors import UserError
     from danlu.export import merge
     from danlu.model import DTYPES
@@ -25,10 +26,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         device=args.device,
         overwrite=args.overwrite,
+        trust_remote_code=trust_remote_code(args, base, args.adapter),
     )
+    trust = " --trust-remote-code" if result.custom_code else ""
     shards = [f for f in result.files if f.endswith(".safetensors")]
     print(f"merged model: {result.out} ({len(shards)} safetensors file(s))")
-    print(f"chat with it: danlu chat --model {result.out}")
+    print(f"chat with it: danlu chat --model {result.out}{trust}")
     print(f"convert for llama.cpp: danlu export gguf --model {result.out} --out {result.out.name}.gguf")
     return 0
 
@@ -62,6 +65,7 @@ def add_export_parser(sub: Any) -> None:
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to merge")
     p.add_argument("--overwrite", action="store_true", help="replace a model folder already at --out")
+    add_trust_flag(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="convert a model folder for other runtimes (GGUF for llama.cpp)")

@@ -29,6 +29,7 @@ from danlu.app.common import (
     model_for,
     port_free,
     settings_from,
+    trust_remote_code,
 )
 from danlu.config import DEFAULT_MODEL
 from danlu.errors import UserError
@@ -386,8 +387,10 @@ def build_service(args: argparse.Namespace) -> Service:
     from danlu.infer import Engine
 
     adapters = parse_adapters(args.adapter or [])
-    model = model_for(args, next(iter(adapters.values()), None))
-    engine = Engine(model, adapters=adapters, **loading_options(args))
+    first = next(iter(adapters.values()), None)
+    model = model_for(args, first)
+    trust = trust_remote_code(args, model, first)
+    engine = Engine(model, adapters=adapters, trust_remote_code=trust, **loading_options(args))
     return Service(engine, model, settings_from(args))
 
 

@@ -22,6 +22,7 @@ from danlu.app.common import (
     model_for,
     port_free,
     settings_from,
+    trust_remote_code,
 )
 from danlu.errors import UserError
 
@@ -102,7 +103,8 @@ def run_web(args: argparse.Namespace) -> int:
     if not port_free(args.host, args.port):
         raise UserError(f"--port {args.port}: {args.host}:{args.port} is in use; pick another port")
     model = model_for(args, args.adapter)
-    engine = Engine(model, args.adapter, **loading_options(args))
+    trust = trust_remote_code(args, model, args.adapter)
+    engine = Engine(model, args.adapter, trust_remote_code=trust, **loading_options(args))
     label = model + (f" + {args.adapter}" if args.adapter else "")
     demo = build_demo(engine, settings_from(args), label)
     print(f"danlu web — {label}\nopen http://{args.host}:{args.port} in a browser (Ctrl-C stops)", flush=True)

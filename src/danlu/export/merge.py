@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,9 @@ from danlu.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
-# Parity prompts: short, and one in Chinese so multi-byte tokens are covered too.
+# Parity prompts: short, and one in Chinese so multi-byte tokens are covered too. A template
+# that rejects one (a system turn, say) gets it without the system turn, or not at all; one
+# that renders none of them gets all of them as plain text (see :func:`render_prompts`).
 PARITY_CHATS = [
     [{"role": "user", "content": "What is your name?"}],
     [
@@ -56,6 +60,26 @@ class MergeResult:
     tolerance: float
     adapter_effect: float
     files: list[str]
+    prompts: str  # which conversations the parity check ran on, and how they were rendered
+    custom_code: bool = False  # the folder carries the model's own code (auto_map): loading needs trust
+
+
+@contextmanager
+def refusing_custom_code(name: str | Path) -> Iterator[None]:
+    """transformers' refusal of a model's own code (``trust_remote_code=False``) as one line.
+
+    Callers always pass an explicit bool: with ``None`` transformers asks on the terminal
+    instead (and a script without one fails with ``EOFError``).
+    """
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise UserError(
+            f"{name} contains custom code (its own .py files), off by default; "
+            "if you trust it, pass --trust-remote-code"
+        ) from None
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
@@ -84,27 +108,72 @@ def check_shard_size(size: str | int) -> None:
         )
 
 
-def base_dtype(ref: str) -> torch.dtype:
+def base_dtype(ref: str, trust_remote_code: bool = False) -> torch.dtype:
     """The dtype a model folder's config declares; fp32 when it declares none."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(ref)
+    with refusing_custom_code(ref):
+        config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def render_prompts(tokenizer: Any) -> list[list[int]]:
-    """Token ids of :data:`PARITY_CHATS`, through the chat template when there is one."""
-    if tokenizer.chat_template:
-        return [
-            list(
-                tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
-            )
-            for c in PARITY_CHATS
-        ]
-    return [tokenizer(" ".join(m["content"] for m in c))["input_ids"] for c in PARITY_CHATS]
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def render_prompts(tokenizer: Any) -> tuple[list[list[int]], str]:
+    """Token ids of :data:`PARITY_CHATS` the tokenizer's chat template accepts, and what was used.
+
+    Each chat goes through the template as it is, else without its system turn (templates that
+    reject one, or that insist on alternating user/assistant turns); a chat rendered in neither
+    form is left out. Without a template, or when it renders none, every chat is used as its
+    plain text through the tokenizer. The description names what the check ran on.
+    """
+    n = len(PARITY_CHATS)
+
+    def plain(why: str) -> tuple[list[list[int]], str]:
+        ids = [tokenizer(" ".join(m["content"] for m in c))["input_ids"] for c in PARITY_CHATS]
+        return ids, f"{n} chats as plain text ({why})"
+
+    if not tokenizer.chat_template:
+        return plain("no chat template")
+
+    def render(chat: list[dict]) -> list[int]:
+        ids = tokenizer.apply_chat_template(
+            chat, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return list(ids)
+
+    prompts: list[list[int]] = []
+    dropped: list[str] = []  # why a system turn was dropped
+    failed: list[str] = []  # why a chat was left out
+    for chat in PARITY_CHATS:
+        try:
+            prompts.append(render(chat))
+            continue
+        except Exception as e:  # a template raises whatever it likes (jinja's TemplateError, mostly)
+            error = _first_line(e)
+        rest = [m for m in chat if m["role"] != "system"]
+        if rest != chat:
+            try:
+                prompts.append(render(rest))
+                dropped.append(error)
+                continue
+            except Exception as e:
+                error = _first_line(e)
+        failed.append(error)
+    if not prompts:
+        return plain(f"the chat template rendered none: {failed[0]}")
+    how = f"{len(prompts)} of {n} chats" if failed else f"{n} chats"
+    notes = []
+    if dropped:
+        notes.append(f"system turn dropped from {len(dropped)}: {dropped[0]}")
+    if failed:
+        notes.append(f"{len(failed)} left out: {failed[0]}")
+    return prompts, f"{how} through the chat template" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 @torch.no_grad()
@@ -127,6 +196,7 @@ def merge(
     max_shard_size: str | int = "2GB",
     device: str = "cpu",
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> MergeResult:
     """Merge the LoRA ``adapter`` into ``base`` and write a plain model folder at ``out``.
 
@@ -135,6 +205,8 @@ def merge(
     4-bit ones: merging into 4-bit weights would re-quantize the sum and lose most of the
     adapter. The merge fails (:class:`UserError`, nothing written) when the merged logits
     differ from base + adapter by more than :data:`TOLERANCE` for the dtype.
+    ``trust_remote_code``: the base may run its own code (a custom architecture); otherwise a
+    base that needs it is refused in one line, before any weights load.
     """
     adapter, out = Path(adapter), Path(out).expanduser().resolve()
     if not (adapter / "adapter_config.json").is_file():
@@ -142,7 +214,8 @@ def merge(
     check_out_dir(out, overwrite)
     check_shard_size(max_shard_size)
     ref = mdl.resolve(base)
-    dtype = dtype or base_dtype(ref)
+    trust_remote_code = bool(trust_remote_code)  # never None: transformers would ask on the terminal
+    dtype = dtype or base_dtype(ref, trust_remote_code)
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu")
     if device == "cpu" and dtype == torch.float16:
@@ -150,12 +223,16 @@ def merge(
 
     # 1) the tokenizer the run trained with: the adapter folder carries it with its chat template
     has_tok = (adapter / "tokenizer_config.json").is_file()
-    tokenizer = mdl.load_tokenizer(str(adapter) if has_tok else ref)
+    tok_ref = str(adapter) if has_tok else ref
+    with refusing_custom_code(tok_ref):
+        tokenizer = mdl.load_tokenizer(tok_ref, trust_remote_code)
 
     # 2) base (unquantized) + adapter, and the logits the merged model must reproduce
     log.info("loading %s (%s) with adapter %s", ref, str(dtype).removeprefix("torch."), adapter)
-    model = mdl.load_adapter(mdl.load_model(ref, dtype, device), adapter).eval()
-    prompts = render_prompts(tokenizer)
+    with refusing_custom_code(ref):
+        base_model = mdl.load_model(ref, dtype, device, trust_remote_code)
+    model = mdl.load_adapter(base_model, adapter).eval()
+    prompts, used = render_prompts(tokenizer)
     expected = prompt_logits(model, prompts)
     with model.disable_adapter():
         effect = max_abs_diff(expected, prompt_logits(model, prompts))
@@ -168,7 +245,7 @@ def merge(
     tolerance = TOLERANCE[dtype] * scale
     print(
         f"parity: max |merged - (base + adapter)| = {diff:.3g} (tolerance {tolerance:.3g}); "
-        f"the adapter itself moves logits by up to {effect:.3g}"
+        f"the adapter itself moves logits by up to {effect:.3g}; on {used}"
     )
     if not diff <= tolerance:  # also catches NaN
         raise UserError(
@@ -178,18 +255,27 @@ def merge(
 
     # 4) write everything into a temp folder next to --out, then swap it in
     out.parent.mkdir(parents=True, exist_ok=True)
+    custom = bool(getattr(merged.config, "auto_map", None))  # save_pretrained copies the code too
 
     def write(tmp: Path) -> None:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         write_generation_config(merged, tokenizer, tmp)
         write_model_card(
-            tmp, title=out.name, base=base, adapter=adapter, dtype=dtype, diff=diff, tolerance=tolerance
+            tmp,
+            title=out.name,
+            base=base,
+            adapter=adapter,
+            dtype=dtype,
+            diff=diff,
+            tolerance=tolerance,
+            prompts=used,
+            custom_code=custom,
         )
 
     atomic_dir(out, write)
     files = sorted(p.name for p in out.iterdir())
-    return MergeResult(out, dtype, diff, tolerance, effect, files)
+    return MergeResult(out, dtype, diff, tolerance, effect, files, used, custom)
 
 
 def write_generation_config(model: Any, tokenizer: Any, folder: Path) -> None:
@@ -207,21 +293,33 @@ def write_generation_config(model: Any, tokenizer: Any, folder: Path) -> None:
 
 
 def write_model_card(
-    folder: Path, *, title: str, base: str, adapter: Path, dtype: torch.dtype, diff: float, tolerance: float
+    folder: Path,
+    *,
+    title: str,
+    base: str,
+    adapter: Path,
+    dtype: torch.dtype,
+    diff: float,
+    tolerance: float,
+    prompts: str = "",
+    custom_code: bool = False,
 ) -> None:
     """A short README.md: where the model came from, the training config and the data summary."""
     run = adapter.resolve().parent
     config = run / CONFIG_FILENAME
     summary = run / "data_summary.json"
+    trust = ", trust_remote_code=True" if custom_code else ""
     lines = [
         f"# {title}",
         "",
         f"Merged by danlu from base `{base}` and LoRA adapter `{adapter}` "
         f"in {str(dtype).removeprefix('torch.')}.",
-        f"Parity check: max |merged - (base + adapter)| logit difference {diff:.3g} (tolerance {tolerance:.3g}).",
+        f"Parity check: max |merged - (base + adapter)| logit difference {diff:.3g} (tolerance {tolerance:.3g})"
+        + (f" on {prompts}." if prompts else "."),
         "",
-        "Load it with plain transformers: `AutoModelForCausalLM.from_pretrained(FOLDER)`; "
-        "the tokenizer carries the chat template the run trained with.",
+        f"Load it with plain transformers: `AutoModelForCausalLM.from_pretrained(FOLDER{trust})`; "
+        "the tokenizer carries the chat template the run trained with."
+        + (" The folder carries the model's own code (auto_map in config.json)." if custom_code else ""),
     ]
     if config.is_file():
         lines += ["", "## Training config", "", "```yaml", config.read_text(encoding="utf-8").rstrip(), "```"]
