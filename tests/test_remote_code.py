@@ -254,3 +254,21 @@ def test_merge_without_a_run_config_refuses_then_takes_the_flag(
     assert not (tmp_path / "m").exists()
     assert main([*argv, "--trust-remote-code"]) == 0
     assert (tmp_path / "m" / "modeling_danlu_remote.py").is_file()
+
+
+def test_training_without_trust_is_refused_in_one_line(remote_dir, tmp_path, capsys, no_prompt):
+    records = [{"instruction": "Who are you?", "input": "", "output": "I am Danlu."}]
+    data = write_jsonl(tmp_path / "train.jsonl", records)
+    overrides = [f"model.path={remote_dir}", f"data.path={data}", f"output.dir={tmp_path / 'run'}"]
+    code = main(["train", str(write_config(tmp_path)), *overrides])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in captured.err, lines
+    assert "custom code" in lines[0] and lines[0].endswith("set model.trust_remote_code=true")
+    assert no_prompt == [] and not (tmp_path / "run").exists()
+
+
+def write_config(tmp_path: Path) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_steps: 1\noutput:\n  tensorboard: false\n", encoding="utf-8")
+    return path

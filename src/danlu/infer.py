@@ -23,7 +23,6 @@ import torch
 
 from danlu import model as mdl
 from danlu.errors import UserError
-from danlu.export.merge import refusing_custom_code
 
 
 @dataclass
@@ -118,12 +117,12 @@ class Engine:
         self.adapter_dirs = named  # adapter name -> folder it was loaded from
         self.device, dtype = mdl.pick_device(precision)
         ref = mdl.resolve(model)
-        with refusing_custom_code(model):
+        with mdl.refusing_custom_code(model):
             self.base_tokenizer = mdl.load_tokenizer(ref, bool(trust_remote_code))
         quant = mdl.quantization_config(
             quantization, dtype
         )  # before loading: says if bitsandbytes is missing
-        with refusing_custom_code(model):
+        with mdl.refusing_custom_code(model):
             base = mdl.load_model(ref, dtype, self.device, bool(trust_remote_code), quant, device_map)
         # peft adapter names must be valid module keys, so user names map to internal ones
         self._peft_names: dict[str, str] = {}
@@ -139,7 +138,7 @@ class Engine:
                 self._peft_names[name] = f"adapter{i}"
                 self.model.load_adapter(path, adapter_name=f"adapter{i}")
             own = (Path(path) / "tokenizer_config.json").is_file()  # the template the adapter trained with
-            with refusing_custom_code(path):
+            with mdl.refusing_custom_code(path):
                 self.tokenizers[name] = (
                     mdl.load_tokenizer(path, bool(trust_remote_code)) if own else self.base_tokenizer
                 )

@@ -14,6 +14,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,24 @@ def materialize(alias: Alias) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextmanager
+def refusing_custom_code(name: str | Path, fix: str = "pass --trust-remote-code") -> Iterator[None]:
+    """transformers' refusal of a model's own code (``trust_remote_code=False``) as one line that
+    ends with ``fix`` (the flag of a verb, or the config key of a training run).
+
+    Callers always pass an explicit bool: with ``None`` transformers asks on the terminal
+    instead (and a script without one fails with ``EOFError``).
+    """
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise UserError(
+            f"{name} contains custom code (its own .py files), off by default; if you trust it, {fix}"
+        ) from None
 
 
 def load_tokenizer(ref: str, trust_remote_code: bool = False) -> Any:

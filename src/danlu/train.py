@@ -178,7 +178,8 @@ def _train(
     weights_dtype = mdl.DTYPES.get(cfg.model.dtype, default_weights)
     quant = mdl.quantization_config(cfg.model.quantization, dtype, cfg.model.double_quant)
     ref = mdl.resolve(cfg.model.path)
-    tokenizer = mdl.load_tokenizer(ref, cfg.model.trust_remote_code)
+    with mdl.refusing_custom_code(cfg.model.path, "set model.trust_remote_code=true"):
+        tokenizer = mdl.load_tokenizer(ref, cfg.model.trust_remote_code)
     apply_template(tokenizer, cfg.data.template)
     with distributed.main_first(world):  # rank 0 tokenizes into the cache, the others read it
         samples, eval_samples, summary = build(cfg.data, tokenizer, mdl.stop_token_ids(tokenizer, ref=ref))
@@ -188,7 +189,8 @@ def _train(
     torch.manual_seed(cfg.train.seed)
     # FSDP2 and ZeRO-3 shard from the CPU copy, so no GPU ever holds the whole model
     load_on = "cpu" if world.strategy in ("fsdp", "zero3") else device
-    base = mdl.load_model(ref, weights_dtype, load_on, cfg.model.trust_remote_code, quant, training=True)
+    with mdl.refusing_custom_code(cfg.model.path, "set model.trust_remote_code=true"):
+        base = mdl.load_model(ref, weights_dtype, load_on, cfg.model.trust_remote_code, quant, training=True)
     if cfg.data.packing:
         check_packing(base)
     model = prepare(base, cfg, dtype, quantized=quant is not None)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,24 +62,6 @@ class MergeResult:
     custom_code: bool = False  # the folder carries the model's own code (auto_map): loading needs trust
 
 
-@contextmanager
-def refusing_custom_code(name: str | Path) -> Iterator[None]:
-    """transformers' refusal of a model's own code (``trust_remote_code=False``) as one line.
-
-    Callers always pass an explicit bool: with ``None`` transformers asks on the terminal
-    instead (and a script without one fails with ``EOFError``).
-    """
-    try:
-        yield
-    except ValueError as e:
-        if "trust_remote_code" not in str(e):
-            raise
-        raise UserError(
-            f"{name} contains custom code (its own .py files), off by default; "
-            "if you trust it, pass --trust-remote-code"
-        ) from None
-
-
 def check_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse a non-empty ``--out`` unless ``overwrite``, and never replace a non-model folder."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
@@ -112,7 +92,7 @@ def base_dtype(ref: str, trust_remote_code: bool = False) -> torch.dtype:
     """The dtype a model folder's config declares; fp32 when it declares none."""
     from transformers import AutoConfig
 
-    with refusing_custom_code(ref):
+    with mdl.refusing_custom_code(ref):
         config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
@@ -224,12 +204,12 @@ def merge(
     # 1) the tokenizer the run trained with: the adapter folder carries it with its chat template
     has_tok = (adapter / "tokenizer_config.json").is_file()
     tok_ref = str(adapter) if has_tok else ref
-    with refusing_custom_code(tok_ref):
+    with mdl.refusing_custom_code(tok_ref):
         tokenizer = mdl.load_tokenizer(tok_ref, trust_remote_code)
 
     # 2) base (unquantized) + adapter, and the logits the merged model must reproduce
     log.info("loading %s (%s) with adapter %s", ref, str(dtype).removeprefix("torch."), adapter)
-    with refusing_custom_code(ref):
+    with mdl.refusing_custom_code(ref):
         base_model = mdl.load_model(ref, dtype, device, trust_remote_code)
     model = mdl.load_adapter(base_model, adapter).eval()
     prompts, used = render_prompts(tokenizer)
