@@ -1,11 +1,17 @@
-"""Convert a Hugging Face model folder (Llama family, Qwen2) into one GGUF file for llama.cpp.
+"""Convert a Hugging Face model folder into one GGUF file for llama.cpp, Ollama, LM Studio.
 
-Written with the ``gguf`` package the way llama.cpp's ``convert_hf_to_gguf.py`` does it:
-architecture metadata under ``ARCH.*`` keys, tensors renamed by gguf's own name map, Llama's
-q/k projections permuted into llama.cpp's rotary layout (transformers' GGUF loader undoes
-exactly this permutation), ``output.weight`` left out when embeddings are tied, and the
-byte-level BPE tokenizer with its chat template. Tensors are streamed from the safetensors
-shards one at a time, so the model is never loaded as a whole.
+Written with the ``gguf`` package the way llama.cpp expects it: architecture metadata under
+``ARCH.*`` keys and tensors renamed by gguf's own name map (:mod:`danlu.export.gguf_arch`), the
+tokenizer with its chat template and stop tokens (:mod:`danlu.export.gguf_vocab`). Tensors are
+streamed: a first pass over the safetensors headers writes every tensor's name, shape and type,
+a second writes the data one tensor at a time, so an export holds about one tensor in memory
+whatever the model's size.
+
+``f32``, ``f16``, ``bf16`` and ``q8_0`` are written here (gguf's own numpy encoders); the
+k-quants (``q4_k_m``, ``q5_k_m``, ``q6_k``) are made from a 16-bit file by llama.cpp's own
+quantizer through llama-cpp-python (the ``danlu[llama-cpp]`` extra), so they are what llama.cpp's
+``llama-quantize`` makes. Everything is written into a temp file next to ``out`` that replaces it
+only at the end.
 """
 
 from __future__ import annotations
@@ -13,25 +19,27 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from danlu.errors import UserError
+from danlu.export.gguf_arch import FAMILIES, Family, add_metadata, check, extra_tensors, transform
+from danlu.export.gguf_vocab import add_tokenizer
 
 log = logging.getLogger(__name__)
 
-# HF architecture → (llama.cpp architecture, whether q/k are permuted for llama.cpp's rope).
-# Mistral is written as 'llama', as llama.cpp itself does.
-GGUF_ARCHITECTURES = {
-    "LlamaForCausalLM": ("llama", True),
-    "MistralForCausalLM": ("llama", True),
-    "Qwen2ForCausalLM": ("qwen2", False),
-}
-GGUF_TYPES = ("f16", "q8_0")
+GGUF_ARCHITECTURES = {arch: (f.gguf, f.permute_qk) for arch, f in FAMILIES.items()}
+# written by danlu itself, then those made by llama.cpp's quantizer from a 16-bit file
+DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")
+LLAMA_CPP_TYPES = ("q4_k_m", "q5_k_m", "q6_k")
+GGUF_TYPES = DIRECT_TYPES + LLAMA_CPP_TYPES
+PHI3_NAME = re.compile(r"phi-?3", re.IGNORECASE)
 
 
 @dataclass
@@ -43,13 +51,8 @@ class GgufResult:
     qtype: str
     tensors: int
     bytes: int
-
-
-def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
-    """llama.cpp's q/k row permutation (interleaved rotary halves), as in convert_hf_to_gguf.py."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    stop_tokens: list[str] = field(default_factory=list)
+    chat_template: str | None = None
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -57,24 +60,13 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"--model {model_dir}: no config.json there; point it at a Hugging Face model folder")
     config = json.loads(path.read_text(encoding="utf-8"))
-    arch = (config.get("architectures") or ["?"])[0]
-    if arch not in GGUF_ARCHITECTURES:
-        raise UserError(
-            f"--model {model_dir}: cannot export {arch} to GGUF; supported: {', '.join(GGUF_ARCHITECTURES)}"
-        )
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise UserError(
-            f"--model {model_dir}: rope scaling '{rope.get('rope_type')}' is not supported by danlu's GGUF "
-            "export; use llama.cpp's convert_hf_to_gguf.py"
-        )
+    if "text_config" in config and "hidden_size" not in config:
+        config = {**config, **config["text_config"]}
+    check(config, model_dir)
     return config
 
 
-def iter_tensors(model_dir: Path):
-    """(name, float32 numpy array) for every tensor in the folder's safetensors files."""
-    from safetensors import safe_open
-
+def safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
@@ -82,90 +74,136 @@ def iter_tensors(model_dir: Path):
         files = ["model.safetensors"]
     if not all((model_dir / f).is_file() for f in files):
         raise UserError(f"--model {model_dir}: no safetensors weights there (model.safetensors or an index)")
-    for f in files:
-        with safe_open(str(model_dir / f), framework="pt") as st:
-            for name in st.keys():
-                yield name, st.get_tensor(name).float().numpy()
+    return [model_dir / f for f in files]
 
 
-def add_metadata(writer: Any, config: dict[str, Any], name: str, file_type: int) -> None:
-    """Architecture metadata: the keys transformers' GGUF loader and llama.cpp read."""
-    n_head = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
-    rope = config.get("rope_parameters") or {}
-    writer.add_name(name)
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(config.get("num_key_value_heads") or n_head)
-    writer.add_rope_freq_base(float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0))
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
-    writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(file_type)
+@dataclass
+class Planned:
+    """One tensor of the output: where its data comes from and how it is stored."""
+
+    name: str  # GGUF name
+    source: tuple[Path, str] | None  # safetensors file and tensor name; None for generated data
+    shape: tuple[int, ...]
+    qtype: Any  # gguf.GGMLQuantizationType
+    data: np.ndarray | None = None  # generated tensors (rope_freqs) only
 
 
-def pre_tokenizer_name(tok: dict[str, Any]) -> str:
-    """llama.cpp's name for the tokenizer's pre-split regex ('gpt-2' for plain byte-level)."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+def storage_type(shape: tuple[int, ...], qtype: str):
+    """How one tensor is stored: 1-D tensors stay f32 (as llama.cpp does), 2-D ones take ``qtype``."""
+    from gguf import GGMLQuantizationType as Q
 
-    pre = tok.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre])
-    for step in steps:
-        regex = (step.get("pattern") or {}).get("Regex") if step.get("type") == "Split" else None
-        for known, split in GGUF_PRE_TOKENIZER_SPLITS.items():
-            if regex == split:
-                return known
-    if steps == [pre] and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt-2"
-    log.warning("unknown pre-tokenizer in tokenizer.json; writing 'default'")
-    return "default"
+    if len(shape) == 1 or qtype == "f32":
+        return Q.F32
+    if qtype == "bf16":
+        return Q.BF16
+    if qtype == "q8_0" and shape[-1] % 32 == 0:
+        return Q.Q8_0
+    return Q.F16
 
 
-def add_tokenizer(writer: Any, model_dir: Path, vocab_size: int) -> None:
-    """tokenizer.ggml.* (byte-level BPE as 'gpt2') plus the chat template and special ids."""
-    from gguf import TokenType
-    from transformers import AutoTokenizer
+def plan(model_dir: Path, config: dict[str, Any], family: Family, qtype: str) -> list[Planned]:
+    """Every output tensor from the safetensors headers alone (no tensor data is read)."""
+    import gguf
+    from safetensors import safe_open
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    tok = json.loads(tokenizer.backend_tokenizer.to_str())
-    if tok["model"]["type"] != "BPE":
-        raise UserError(f"--model {model_dir}: only byte-level BPE tokenizers export to GGUF here")
-    vocab = dict(tok["model"]["vocab"])
-    added = {a["content"]: a for a in tok.get("added_tokens", [])}
-    vocab.update({a["content"]: a["id"] for a in added.values()})
-    by_id = {i: t for t, i in vocab.items()}
-    tokens, types = [], []
-    for i in range(vocab_size):  # the embedding may be padded past the tokenizer's vocabulary
-        token = by_id.get(i)
-        if token is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(TokenType.UNUSED)
-        elif token in added:
-            tokens.append(token)
-            types.append(TokenType.CONTROL if added[token]["special"] else TokenType.USER_DEFINED)
-        else:
-            tokens.append(token)
-            types.append(TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(tok))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for key, add in (
-        ("bos_token_id", writer.add_bos_token_id),
-        ("eos_token_id", writer.add_eos_token_id),
-        ("unk_token_id", writer.add_unk_token_id),
-        ("pad_token_id", writer.add_pad_token_id),
-    ):
-        if getattr(tokenizer, key, None) is not None:
-            add(getattr(tokenizer, key))
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.gguf.upper()], config["num_hidden_layers"])
+    tied = bool(config.get("tie_word_embeddings", family.gguf.startswith("gemma")))
+    out: list[Planned] = []
+    for f in safetensors_files(model_dir):
+        with safe_open(str(f), framework="pt") as st:
+            for hf_name in st.keys():
+                if tied and hf_name == "lm_head.weight":
+                    continue  # llama.cpp reuses token_embd when output.weight is absent
+                if hf_name.endswith("rotary_emb.inv_freq"):
+                    continue
+                name = names.get_name(
+                    hf_name.replace("model.language_model.", "model."), try_suffixes=(".weight", ".bias")
+                )
+                if name is None:
+                    raise UserError(
+                        f"--model {model_dir}: tensor {hf_name} has no GGUF name for {family.gguf}"
+                    )
+                shape = tuple(st.get_slice(hf_name).get_shape())
+                out.append(Planned(name, (f, hf_name), shape, storage_type(shape, qtype)))
+    for name, data in extra_tensors(config).items():
+        out.append(Planned(name, None, data.shape, storage_type(data.shape, qtype), data))
+    return out
+
+
+def encode(data: np.ndarray, qtype: Any) -> np.ndarray:
+    """One tensor's bytes in its storage type (gguf's numpy encoders for bf16 and q8_0)."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if qtype == Q.F32:
+        return data.astype(np.float32)
+    if qtype == Q.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data.astype(np.float32), qtype)
+
+
+def tensor_data(planned: list[Planned], family: Family, config: dict[str, Any]) -> Iterator[np.ndarray]:
+    """The encoded data of each planned tensor in order, loading one source tensor at a time."""
+    from safetensors import safe_open
+
+    handles: dict[Path, Any] = {}
+    try:
+        for p in planned:
+            if p.source is None:
+                data = p.data
+            else:
+                path, hf_name = p.source
+                if path not in handles:
+                    for old in list(handles):  # files come in order: close the previous shard
+                        handles.pop(old).__exit__(None, None, None)
+                    handles[path] = safe_open(str(path), framework="pt").__enter__()
+                data = handles[path].get_tensor(hf_name).float().numpy()
+                data = transform(data, p.name, family, config)
+            yield encode(data, p.qtype)
+            del data
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+
+
+def write_gguf(model_dir: Path, path: Path, config: dict[str, Any], qtype: str) -> tuple[int, dict[str, Any]]:
+    """Write ``model_dir`` as a GGUF file at ``path`` (f32, f16, bf16 or q8_0); returns (tensors, vocab info)."""
+    import gguf
+
+    family = check(config, model_dir)
+    planned = plan(model_dir, config, family, qtype)
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[qtype]
+    writer = gguf.GGUFWriter(str(path), family.gguf)
+    vocab = add_tokenizer(writer, model_dir, config["vocab_size"])
+    add_metadata(writer, config, family, model_name(model_dir, vocab["tokenizer"]), int(file_type))
+    for p in planned:
+        nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(p.shape, p.qtype)))
+        writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), nbytes, raw_dtype=p.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for data in tensor_data(planned, family, config):
+        writer.write_tensor_data(data)
+    writer.close()
+    return len(planned), vocab
+
+
+def model_name(model_dir: Path, tokenizer: Any) -> str:
+    """general.name: the folder's name, with one catch. llama.cpp strips the whitespace after
+    special tokens of models whose name says Phi-3 (as Phi-3's tokenizer does with rstrip), and
+    fails to load them without Phi-3's own special tokens: the name says Phi-3 exactly when the
+    tokenizer does that."""
+    name = PHI3_NAME.sub("phi", model_dir.resolve().name)
+    specials = [t for t in tokenizer.added_tokens_decoder.values() if t.special]
+    vocab = tokenizer.get_vocab()
+    if any(t.rstrip for t in specials) and all(t in vocab for t in ("<s>", "</s>", "<unk>", "<|endoftext|>")):
+        name += " phi3"
+    return name
 
 
 def export_gguf(
@@ -173,11 +211,9 @@ def export_gguf(
 ) -> GgufResult:
     """Write ``model_dir`` (a safetensors model folder) as one GGUF file at ``out``.
 
-    ``qtype`` f16 stores 2-D weights in float16, q8_0 in llama.cpp's 8-bit blocks of 32;
-    1-D tensors (norms, biases) stay float32, as llama.cpp does.
+    ``qtype``: f32, f16, bf16 or q8_0 (llama.cpp's 8-bit blocks of 32) written here, 1-D tensors
+    (norms, biases) staying f32 as llama.cpp does; q4_k_m, q5_k_m, q6_k by llama.cpp's quantizer.
     """
-    import gguf
-
     model_dir, out = Path(model_dir).expanduser(), Path(out).expanduser().resolve()
     if qtype not in GGUF_TYPES:
         raise UserError(f"--type {qtype}: choose one of {', '.join(GGUF_TYPES)}")
@@ -186,55 +222,46 @@ def export_gguf(
     if out.suffix != ".gguf":
         raise UserError(f"--out {out}: the file name should end in .gguf")
     config = read_config(model_dir)
-    arch, permute = GGUF_ARCHITECTURES[config["architectures"][0]]
-    n_head = config["num_attention_heads"]
-    n_kv = config.get("num_key_value_heads") or n_head
-    tied = bool(config.get("tie_word_embeddings", False))
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
-    file_type = gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0
+    if qtype in LLAMA_CPP_TYPES:
+        from danlu.export.gguf_quant import require_llama_cpp
+
+        require_llama_cpp(f"--type {qtype}")
+    arch = FAMILIES[config["architectures"][0]].gguf
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmps: list[Path] = []
+
+    def temp() -> Path:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.parent)
+        os.close(fd)
+        tmps.append(Path(name))
+        return tmps[-1]
+
     try:
-        writer = gguf.GGUFWriter(str(tmp), arch)
-        add_metadata(writer, config, model_dir.resolve().name, int(file_type))
-        add_tokenizer(writer, model_dir, config["vocab_size"])
-        count = 0
-        for hf_name, data in iter_tensors(model_dir):
-            if tied and hf_name == "lm_head.weight":
-                continue  # llama.cpp reuses token_embd; transformers re-ties when output.weight is absent
-            if hf_name.endswith("rotary_emb.inv_freq"):
-                continue
-            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if name is None:
-                raise UserError(f"--model {model_dir}: tensor {hf_name} has no GGUF name for {arch}")
-            if permute and name.endswith(("attn_q.weight", "attn_q.bias")):
-                data = permute_qk(data, n_head, n_head)
-            elif permute and name.endswith(("attn_k.weight", "attn_k.bias")):
-                data = permute_qk(data, n_head, n_kv)
-            array, kwargs = encode(data, qtype)
-            writer.add_tensor(name, array, **kwargs)
-            count += 1
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
+        if qtype in LLAMA_CPP_TYPES:
+            from danlu.export.gguf_quant import quantize
+
+            source = temp()
+            count, vocab = write_gguf(model_dir, source, config, sixteen_bit(model_dir))
+            final = temp()
+            quantize(source, final, qtype)
+        else:
+            final = temp()
+            count, vocab = write_gguf(model_dir, final, config, qtype)
+        os.replace(final, out)
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    return GgufResult(out, arch, qtype, count, out.stat().st_size)
+        for t in tmps:
+            t.unlink(missing_ok=True)
+    tokenizer = vocab["tokenizer"]
+    stops = [tokenizer.eos_token] if tokenizer.eos_token else []
+    stops += [tokenizer.convert_ids_to_tokens(i) for i in vocab["stop_ids"]]
+    return GgufResult(out, arch, qtype, count, out.stat().st_size, stops, tokenizer.chat_template)
 
 
-def encode(data: np.ndarray, qtype: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """(array, add_tensor kwargs) for one tensor: 1-D stays f32; 2-D becomes f16 or q8_0."""
-    import gguf
+def sixteen_bit(model_dir: Path) -> str:
+    """The 16-bit type a k-quant is made from: bf16 for bf16 weights (no overflow), else f16."""
+    from safetensors import safe_open
 
-    if data.ndim == 1:
-        return data.astype(np.float32), {}
-    if qtype == "q8_0" and data.shape[-1] % 32 == 0:
-        q = gguf.GGMLQuantizationType.Q8_0
-        return gguf.quants.quantize(data.astype(np.float32), q), {"raw_dtype": q}
-    return data.astype(np.float16), {}
+    with safe_open(str(safetensors_files(model_dir)[0]), framework="pt") as st:
+        dtypes = {st.get_slice(k).get_dtype() for k in st.keys()}
+    return "bf16" if "BF16" in dtypes else "f16"

@@ -1,0 +1,431 @@
+"""danlu export gguf, judged by llama.cpp itself (llama-cpp-python, built by `make install`).
+
+Every exported file is loaded by llama.cpp: its tokenization must equal transformers' on strings
+with Chinese, code, emoji and special tokens; its logits for a chat prompt must equal
+transformers' (f32 to float rounding, the other types within bounds measured here and stated
+next to them); generation through the file's own chat template must stop at the end of turn.
+Tokenizers are real ones: SmolLM2's (the embedded model), and Llama-2 (SentencePiece), Llama-3,
+Qwen2 and Phi-3 rebuilt by transformers from the vocab-only GGUFs in llama.cpp's source tree
+(`make install` extracts them into .venv/llama.cpp/). Models are tiny and random.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from danlu.app.cli import main
+from danlu.errors import UserError
+from danlu.export import export_gguf
+
+llama_cpp = pytest.importorskip(
+    "llama_cpp", reason="llama-cpp-python is not installed: `make install`, or pip install 'danlu[llama-cpp]'"
+)
+
+TEXTS = [
+    "Hello world! How are you today?",
+    "丹炉：微调、合并、导出。你好，世界！",
+    "def f(x):\n    return x ** 2  # squares\n\tprint(f'{x=}')",
+    "emoji 🙂🔥👍🏽 and ümlauts, naïve café",
+    "  leading spaces,   runs   of spaces\n\n\nand newlines 12345 3.14159",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "<s>[INST] tags </s> <|endoftext|> <|eot_id|> <|begin_of_text|>",
+]
+CHAT = [
+    {"role": "system", "content": "You are Danlu (丹炉), a helpful assistant."},
+    {"role": "user", "content": "你好！Please explain LoRA in one sentence, 用中文和英文。"},
+]
+
+
+def vocab_dir() -> Path:
+    """llama.cpp's vocab-only GGUFs (models/ggml-vocab-*.gguf of its source tree)."""
+    return Path(os.environ.get("DANLU_LLAMA_VOCAB") or Path(sys.prefix) / "llama.cpp")
+
+
+def load(path: Path, **kwargs) -> llama_cpp.Llama:
+    """The file in llama.cpp, computing in f32 where it can (f32 KV cache)."""
+    kwargs.setdefault("n_ctx", 512)
+    return llama_cpp.Llama(
+        model_path=str(path), logits_all=True, verbose=False, type_k=0, type_v=0, n_threads=2, **kwargs
+    )
+
+
+def lcpp_logits(llm: llama_cpp.Llama, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float64)
+
+
+@torch.no_grad()
+def hf_logits(model_dir: Path, ids: list[int], round_to: torch.dtype | None = None) -> np.ndarray:
+    """transformers' logits in fp32; ``round_to``: with the weights rounded to that type first."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    if round_to is not None:
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(p.to(round_to).float())
+    return model(torch.tensor([ids])).logits[0].double().numpy()
+
+
+def rel_error(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+def chat_ids(tokenizer) -> list[int]:
+    return list(
+        tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)
+    )
+
+
+def build(path: Path, tokenizer, model_type: str, **overrides) -> Path:
+    """A tiny random model of ``model_type`` around ``tokenizer``, saved with it."""
+    torch.manual_seed(0)
+    kwargs = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.2,
+    )
+    kwargs.update(overrides)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # norms away from 1 (and Gemma's away from 0), so a wrong shift shows
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def gguf_fields(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return {"reader": reader, "types": {t.name: t.tensor_type.name for t in reader.tensors}}
+
+
+def meta(reader, key: str):
+    field = reader.get_field(key)
+    return None if field is None else field.contents()
+
+
+# ------------------------------------------------------------------------- tokenizers
+
+
+def assert_same_tokens(path: Path, tokenizer, texts=TEXTS) -> None:
+    """llama.cpp's tokenization of every text equals transformers', with and without BOS/EOS."""
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    if '"prepend_scheme": "first"' in json.dumps(backend.get("pre_tokenizer")):
+        # tokenizers' Metaspace adds no '▁' before a text that starts with a space; llama.cpp's
+        # SentencePiece always does (as sentencepiece does): a difference no GGUF key can express
+        texts = [t for t in texts if not t[:1].isspace()]
+    for text in texts:
+        want = tokenizer(text)["input_ids"]
+        got = llm.tokenize(text.encode(), special=True)  # the file's own add_bos decides
+        assert got == want, (text, got, want)
+        bare = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == bare, text
+    rendered = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    want = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == want
+    assert llm.detokenize(want, special=True).decode() == tokenizer.decode(want)  # and back to text
+
+
+def test_smollm2_tokenizer_in_llama_cpp(tiny_model_dir, tokenizer, tmp_path):
+    path = export_gguf(tiny_model_dir, tmp_path / "m.gguf").path
+    reader = gguf_fields(path)["reader"]
+    assert meta(reader, "tokenizer.ggml.model") == "gpt2"
+    assert_same_tokens(path, tokenizer)
+
+
+# ----------------------------------------------------------------------- architectures
+
+# Tiny random models of each family (64 wide, 2 layers, 4 query heads over 2 kv heads) with
+# SmolLM2's tokenizer; each overrides what makes its family differ from Llama.
+FAMILIES = {
+    "llama": dict(model_type="llama", tie_word_embeddings=True),
+    "mistral": dict(model_type="mistral", sliding_window=None, tie_word_embeddings=False),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=False),  # q/k/v biases
+    "qwen3": dict(model_type="qwen3", head_dim=32, tie_word_embeddings=True),  # head_dim ≠ 64/4; q/k norms
+    "phi3": dict(model_type="phi3", sliding_window=None, tie_word_embeddings=False),  # fused qkv, gate_up
+    # softcapping, sliding window 16 over a 45-token prompt, Gemma's (1 + w) norms, head_dim ≠ 64/4
+    "gemma2": dict(model_type="gemma2", head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma3": dict(model_type="gemma3_text", head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
+                   num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    # Llama-3.1's rope scaling: original context 32, so most frequencies of a 16-dim head are rescaled
+    "llama3.1": dict(model_type="llama", rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory, tokenizer):
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = build(tmp_path_factory.mktemp(name), tokenizer, **FAMILIES[name])
+        return made[name]
+
+    return get
+
+
+# Relative error |llama.cpp - transformers| / |transformers| of the logits of a 45-token chat.
+# f32: measured ≤ 1.2e-6 (float rounding), except Gemma's 2.3e-4: llama.cpp's CPU GELU reads its
+# input rounded to f16 from a table. f16: against transformers with the weights rounded to f16,
+# measured ≤ 1.4e-3 (llama.cpp also rounds activations to f16 in f16 matmuls).
+BOUND = {"f32": 1e-5, "f16": 5e-3}
+GEMMA_F32 = 1e-3
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_runs_in_llama_cpp_like_transformers(family, family_dirs, tokenizer, tmp_path):
+    src = family_dirs(family)
+    ids = chat_ids(tokenizer)
+    ref = hf_logits(src, ids)
+    for qtype in ("f32", "f16"):
+        path = export_gguf(src, tmp_path / f"{qtype}.gguf", qtype=qtype).path
+        got = lcpp_logits(load(path), ids)
+        want = ref if qtype == "f32" else hf_logits(src, ids, round_to=torch.float16)
+        err = rel_error(got, want)
+        print(
+            f"{family} {qtype}: relative logit error {err:.2e} (max |Δ| {np.abs(got - want).max():.2e}, "
+            f"max |logit| {np.abs(want).max():.1f})"
+        )
+        assert err < (GEMMA_F32 if family.startswith("gemma") and qtype == "f32" else BOUND[qtype])
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+# ------------------------------------------------------- real tokenizers from llama.cpp's tree
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+LLAMA2_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] {{ m['content'] }} [/INST]"
+    "{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}{% else %}<<SYS>>{{ m['content'] }}"
+    "<</SYS>>{% endif %}{% endfor %}"
+)
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer(tmp_path_factory):
+    """name → a transformers tokenizer folder rebuilt from llama.cpp's ggml-vocab-NAME.gguf.
+
+    The rebuild takes 2-30 s per vocabulary; folders are kept under DANLU_HOME between runs.
+    """
+    models = vocab_dir()
+    if not (models / "ggml-vocab-llama-spm.gguf").is_file():
+        pytest.skip(f"llama.cpp's vocab files are not in {models}: `make install` extracts them there")
+    cache = Path(os.environ["DANLU_HOME"]) / "test-tokenizers" / llama_cpp.__version__
+
+    def get(name: str):
+        folder = cache / name
+        if not (folder / "tokenizer.json").is_file():
+            tok = AutoTokenizer.from_pretrained(str(models), gguf_file=f"ggml-vocab-{name}.gguf")
+            backend = json.loads(tok.backend_tokenizer.to_str())
+            if name == "llama-bpe":  # Llama-3's own post-processor: BOS from TemplateProcessing
+                bos = {"SpecialToken": {"id": tok.bos_token, "type_id": 0}}
+                backend["post_processor"] = {
+                    "type": "TemplateProcessing",
+                    "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {tok.bos_token: {"id": tok.bos_token, "ids": [tok.bos_token_id], "tokens": [tok.bos_token]}},
+                }  # fmt: skip
+                tok.chat_template = LLAMA3_TEMPLATE
+            if name == "phi-3":  # Phi-3's added tokens strip the whitespace after them (lost in the rebuild)
+                for added in backend["added_tokens"]:
+                    added["rstrip"] = added["content"] not in ("<unk>", "<s>", "<|endoftext|>")
+            from tokenizers import Tokenizer
+
+            tok._tokenizer = Tokenizer.from_str(json.dumps(backend))
+            if name == "llama-spm":
+                tok.chat_template = LLAMA2_TEMPLATE
+            tmp = cache / f".{name}-tmp"
+            tok.save_pretrained(tmp)
+            tmp.rename(folder)
+        return AutoTokenizer.from_pretrained(folder)
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "name, model",
+    [("llama-spm", "llama"), ("phi-3", "llama"), ("llama-bpe", "gpt2"), ("qwen2", "gpt2")],
+)
+def test_real_tokenizers_tokenize_in_llama_cpp_as_in_transformers(real_tokenizer, name, model, tmp_path):
+    """Llama-2 and Phi-3 (SentencePiece-style), Llama-3 and Qwen2 (byte-level BPE).
+
+    The exported file must tokenize exactly as llama.cpp's own vocab file (made by its converter
+    from the real model) and as the real model's transformers tokenizer on llama.cpp's 47 test
+    vectors (runs of spaces and newlines, byte fallback, mixed scripts). Against the rebuilt
+    transformers tokenizer it must agree wherever llama.cpp's own file does: llama.cpp itself
+    differs from transformers after special tokens in SentencePiece models (it adds '▁'), on a
+    literal '</s>' in Qwen2 text (it makes EOS-looking tokens special), and before a leading space.
+    """
+    tokenizer = real_tokenizer(name)
+    src = build(tmp_path / "src", tokenizer, "llama", hidden_size=32, intermediate_size=64)
+    path = export_gguf(src, tmp_path / "m.gguf").path
+    reader = gguf_fields(path)["reader"]
+    assert meta(reader, "tokenizer.ggml.model") == model  # SentencePiece-style ones as llama.cpp's SPM
+    ours = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    theirs = llama_cpp.Llama(
+        model_path=str(vocab_dir() / f"ggml-vocab-{name}.gguf"), vocab_only=True, verbose=False
+    )
+    rendered = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    agreed = 0
+    for text in [*TEXTS, rendered]:
+        got = ours.tokenize(text.encode(), add_bos=False, special=True)
+        want = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if max(want) < theirs.n_vocab():  # (the rebuilt Llama-3 has an extra <|endoftext|>)
+            assert got == theirs.tokenize(text.encode(), add_bos=False, special=True), text
+        agreed += got == want
+    assert agreed >= len(TEXTS) - 2, agreed
+    inp = (
+        (vocab_dir() / f"ggml-vocab-{name}.gguf.inp")
+        .read_text(encoding="utf-8")
+        .split("\n__ggml_vocab_test__\n")
+    )
+    out = (vocab_dir() / f"ggml-vocab-{name}.gguf.out").read_text(encoding="utf-8").split("\n")
+    for text, ids in zip(inp, out, strict=True):
+        assert ours.tokenize(text.encode(), add_bos=False, special=False) == [int(i) for i in ids.split()], (
+            text
+        )
+    # BOS as transformers adds it: Llama-3's comes from the post-processor, whatever the attribute says
+    add_bos = tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id
+    assert add_bos == (name != "qwen2")
+    assert meta(reader, "tokenizer.ggml.add_bos_token") is add_bos
+    text = "Hello 丹炉"
+    assert ours.tokenize(text.encode(), special=True) == tokenizer(text)["input_ids"]
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def byte_level_tokenizer():
+    """A 258-token byte-level BPE (256 bytes, one merge, an end token): nothing but the layers is big."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    vocab["Ġt"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|end|>", bos_token="<|end|>")
+
+
+def test_export_holds_about_one_tensor_in_memory(tmp_path):
+    """Peak traced (numpy + Python) memory of an f16 export of a 31 MB model: the old writer kept
+    every f16 tensor until the end (15.7 MB here); streaming holds about one (the largest is 1 MB
+    in f32). Measured: 3.0 MB."""
+    import tracemalloc
+
+    src = build(tmp_path / "src", byte_level_tokenizer(), "llama", hidden_size=256, intermediate_size=1024,
+                num_hidden_layers=8, tie_word_embeddings=False)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(src)
+    f16_bytes = sum(p.numel() * 2 for p in model.parameters())
+    largest = max(p.numel() * 4 for p in model.parameters())
+    del model
+    assert f16_bytes > 15e6 and largest <= 1.1e6
+    tracemalloc.start()
+    try:
+        export_gguf(src, tmp_path / "m.gguf", qtype="f16")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print(f"peak traced memory {peak / 1e6:.1f} MB for {f16_bytes / 1e6:.1f} MB of f16 tensors")
+    assert peak < 5 * largest
+    assert load(tmp_path / "m.gguf", n_ctx=64).n_vocab() == 258  # and the file is whole
+
+
+# ------------------------------------------------------------------------------ types
+
+# Relative logit error against transformers (fp32, original weights) of 256-wide 2-layer random
+# models (k-quant blocks are 256 wide) on a 60-token text; measured maxima over the 8 families:
+# f16 0.0011, bf16 0.0090, q8_0 0.029, q6_k 0.076, q5_k_m 0.156, q4_k_m 0.287 (random weights
+# quantize worse than trained ones: see the slow test on SmolLM2 below). A wrong file scores ~1.
+TYPE_BOUND = {"f16": 0.002, "bf16": 0.015, "q8_0": 0.045, "q6_k": 0.11, "q5_k_m": 0.22, "q4_k_m": 0.40}
+# what llama.cpp's type mix must contain (k-quants keep some tensors in Q6_K or Q5_K)
+TYPE_TENSORS = {
+    "f16": "F16",
+    "bf16": "BF16",
+    "q8_0": "Q8_0",
+    "q6_k": "Q6_K",
+    "q5_k_m": "Q5_K",
+    "q4_k_m": "Q4_K",
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_in_each_type_runs_in_llama_cpp_within_its_bound(family, tmp_path):
+    tokenizer = byte_level_tokenizer()
+    kwargs = {**FAMILIES[family], "hidden_size": 256, "intermediate_size": 512, "initializer_range": 0.05}
+    kwargs.update({k: 64 for k in ("head_dim", "query_pre_attn_scalar") if k in kwargs})
+    src = build(tmp_path / "src", tokenizer, vocab_size=288, **kwargs)  # padded past the tokenizer
+    ids = tokenizer("丹炉 fine-tunes a chat model; def f(x): return x ** 2 🙂")["input_ids"]
+    ref = hf_logits(src, ids)
+    errors = {}
+    for qtype, bound in TYPE_BOUND.items():
+        path = export_gguf(src, tmp_path / f"{qtype}.gguf", qtype=qtype).path
+        types = set(gguf_fields(path)["types"].values())
+        assert TYPE_TENSORS[qtype] in types, (qtype, types)
+        errors[qtype] = rel_error(lcpp_logits(load(path, n_ctx=128), ids), ref)
+        assert errors[qtype] < bound, (family, qtype, errors[qtype])
+    print(family, {k: round(v, 4) for k, v in errors.items()})
+    assert errors["f16"] < errors["q8_0"] < errors["q4_k_m"]
+
+
+# -------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    "config, says",
+    [
+        ({"architectures": ["BloomForCausalLM"]}, "convert_hf_to_gguf.py"),
+        ({"architectures": ["Gemma3ForConditionalGeneration"]}, "Gemma3ForCausalLM"),
+        ({"architectures": ["GPT2LMHeadModel"]}, "Qwen3ForCausalLM"),
+        (
+            {"architectures": ["Qwen2ForCausalLM"], "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+            "rope scaling 'yarn'",
+        ),
+        ({"architectures": ["Gemma2ForCausalLM"], "head_dim": 256, "query_pre_attn_scalar": 144,
+          "hidden_size": 4608, "num_attention_heads": 32}, "query_pre_attn_scalar 144"),
+    ],
+)  # fmt: skip
+def test_what_cannot_be_written_is_refused_in_one_line_naming_what_to_use(config, says, tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "x.gguf"
+    assert main(["export", "gguf", "--model", str(tmp_path / "m"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_k_quants_without_llama_cpp_say_what_to_install(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails
+    with pytest.raises(UserError, match=r"danlu\[llama-cpp\]"):
+        export_gguf(tiny_model_dir, tmp_path / "m.gguf", qtype="q4_k_m")
+    assert list(tmp_path.iterdir()) == []
