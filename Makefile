@@ -12,7 +12,7 @@ PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
 	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF
 
-.PHONY: install browser demo test test-fast lint clean lock gpu-bundle
+.PHONY: install browser demo test test-fast lint clean lock gpu-bundle vocab
 
 $(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,25 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium not installed: the web page's browser test will be skipped"
 
-test: install browser
+# Real tokenizers for tests/test_family_matrix.py without a model hub: llama.cpp's vocab-only GGUFs
+# (with their tokenizer test vectors) and the chat templates models ship, vendored in the
+# llama-cpp-python sdist on PyPI (76 MB, downloaded once; only those files are kept, 75 MB).
+VOCAB_DIR := build/vocab
+VOCAB_SDIST := llama_cpp_python-0.3.36
+VOCAB_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+
+vocab: $(VOCAB_DIR)/.extracted
+
+$(VOCAB_DIR)/.extracted: | $(VENV)/.installed
+	mkdir -p $(VOCAB_DIR)
+	$(PY) -m pip download -q --no-deps --no-binary :all: --dest $(VOCAB_DIR) llama-cpp-python==0.3.36
+	echo "$(VOCAB_SHA256)  $(VOCAB_DIR)/$(VOCAB_SDIST).tar.gz" | sha256sum -c --quiet
+	tar -xzf $(VOCAB_DIR)/$(VOCAB_SDIST).tar.gz -C $(VOCAB_DIR) --strip-components=4 --wildcards \
+		'$(VOCAB_SDIST)/vendor/llama.cpp/models/ggml-vocab-*' '$(VOCAB_SDIST)/vendor/llama.cpp/models/templates/*.jinja'
+	rm $(VOCAB_DIR)/$(VOCAB_SDIST).tar.gz
+	touch $@
+
+test: install browser vocab
 	$(PY) -m pytest
 
 test-fast: install
