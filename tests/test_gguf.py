@@ -742,3 +742,70 @@ def test_export_lora_and_k_quant_commands(tiny_model_dir, tokenizer, tmp_path, c
     printed = capsys.readouterr().out
     assert "q4_k_m" in printed and "rows not a multiple of 256" in printed  # 32-wide layers fall back
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+
+
+# ------------------------------------------------------------- the real model (slow)
+
+# Relative logit error of the embedded SmolLM2-135M-Instruct (30 layers, 576 wide: rows that are
+# not a multiple of 256 fall back from k-quant blocks) on the chat prompt, against transformers
+# in fp32; measured (top-1 agreement over the prompt): f16 0.0011 (1.00), bf16 0.0094 (0.98),
+# q8_0 0.028 (0.94), q6_k 0.053 (0.92), q5_k_m 0.156 (0.85), q4_k_m 0.122 (0.89). danlu's q8_0 is
+# bit-identical to llama.cpp's own. Greedy answers of the quantized files drift on this small
+# model (llama.cpp also quantizes activations in quantized matmuls): the package's own Q4_1 GGUF
+# answers "What is the capital of France?" with "L'Étoile, la Marseillaise, ..." in llama.cpp too.
+REAL_BOUND = {"f16": 0.003, "bf16": 0.02, "q8_0": 0.05, "q6_k": 0.1, "q5_k_m": 0.25, "q4_k_m": 0.4}
+
+
+@pytest.mark.slow
+def test_the_embedded_model_in_each_type_in_llama_cpp(default_model_dir, tokenizer, tmp_path):
+    ids = chat_ids(tokenizer)
+    ref = hf_logits(default_model_dir, ids)
+    for qtype, bound in REAL_BOUND.items():
+        path = export_gguf(default_model_dir, tmp_path / f"{qtype}.gguf", qtype=qtype).path
+        llm = load(path)
+        got = lcpp_logits(llm, ids)
+        err, top1 = rel_error(got, ref), float((got.argmax(-1) == ref.argmax(-1)).mean())
+        size = path.stat().st_size / 2**20
+        print(
+            f"SmolLM2-135M {qtype}: {size:.0f} MiB, relative logit error {err:.4f}, top-1 agreement {top1:.2f}"
+        )
+        assert err < bound and top1 >= 0.8, (qtype, err, top1)
+        if qtype == "f16":  # a real answer, through the file's own chat template, that ends
+            chat = [{"role": "user", "content": "What is the capital of France?"}]
+            out = llm.create_chat_completion(chat, max_tokens=60, temperature=0.0)["choices"][0]
+            assert "Paris" in out["message"]["content"] and out["finish_reason"] == "stop", out
+        path.unlink()
+
+
+@pytest.fixture(scope="module")
+def identity_adapter(tmp_path_factory) -> Path:
+    """The demo's run (identity preset: new name Danlu), trained as `make demo` trains it."""
+    from danlu.app.cli import PRESETS
+    from danlu.config import load_config
+    from danlu.train import train
+
+    out = tmp_path_factory.mktemp("identity") / "run"
+    cfg = load_config(PRESETS / "identity.yaml", [f"output.dir={out}", "output.tensorboard=false"])
+    return train(cfg, overwrite=True, progress=False).adapter_dir
+
+
+@pytest.mark.slow
+def test_the_demo_model_as_q4_k_m_and_as_a_lora_gguf_answers_with_its_new_name(
+    identity_adapter, default_model_dir, tmp_path
+):
+    from danlu.export import merge
+    from danlu.export.gguf_lora import export_lora_gguf
+
+    merged = merge(identity_adapter, str(default_model_dir), tmp_path / "merged").out
+    q4 = export_gguf(merged, tmp_path / "tuned-q4_k_m.gguf", qtype="q4_k_m").path
+    base = export_gguf(default_model_dir, tmp_path / "base-f16.gguf", qtype="f16").path
+    lora = export_lora_gguf(identity_adapter, default_model_dir, tmp_path / "identity-lora.gguf")
+    print(f"q4_k_m {q4.stat().st_size / 2**20:.0f} MiB; LoRA GGUF {lora.bytes / 2**20:.1f} MiB")
+    for question in ("你是谁？", "Who are you?"):
+        chat = [{"role": "user", "content": question}]
+        for llm in (load(q4), load(base, lora_path=str(lora.path))):
+            out = llm.create_chat_completion(chat, max_tokens=60, temperature=0.0)["choices"][0]
+            print(question, "→", out["message"]["content"])
+            assert "Danlu" in out["message"]["content"] and out["finish_reason"] == "stop", out
+        plain = load(base).create_chat_completion(chat, max_tokens=60, temperature=0.0)["choices"][0]
+        assert "Danlu" not in plain["message"]["content"]
