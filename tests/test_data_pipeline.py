@@ -127,3 +127,95 @@ def test_cache_reuses_and_invalidates(tokenizer, tmp_path, monkeypatch):
     cfg.max_seq_length = 128  # new setting → new key
     assert not build(cfg, tokenizer, stop)[2].cached
     assert len(list((tmp_path / "home" / "data").iterdir())) == 3
+
+
+# ------------------------------------------------ records the chat template refuses
+
+
+def strict_tokenizer(tokenizer):
+    from test_render import ALTERNATING  # Mistral v0.1's rule: no system message
+
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = ALTERNATING
+    return strict
+
+
+def with_system(rows: list[dict], every: int) -> list[dict]:
+    return [{**r, "system": "Be brief."} if i % every == every - 1 else r for i, r in enumerate(rows)]
+
+
+def test_template_refusal_names_the_record_and_the_fix(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", with_system(records(4), every=3))
+    with pytest.raises(UserError) as info:
+        build(cfg_for(path), strict_tokenizer(tokenizer), {tokenizer.eos_token_id})
+    message = str(info.value)
+    assert message.startswith(
+        f"{path}:3: the chat template refuses this record (Conversation roles must alternate"
+    )
+    assert "drop it from the record (and data.system)" in message
+    assert message.endswith("data.on_error=skip leaves such records out")
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_on_error_skip_leaves_refused_records_out_and_counts_them(tokenizer, tmp_path, procs):
+    rows = with_system(records(2500), every=1000)  # lines 1000, 2000: one in each of two chunks
+    path = write_jsonl(tmp_path / "d.jsonl", [*rows[:5], {"instruction": "no answer"}, *rows[5:]])
+    cfg = cfg_for(path, "data.on_error=skip", f"data.num_proc={procs}")
+    train, _, summary = build(cfg, strict_tokenizer(tokenizer), {tokenizer.eos_token_id})
+    assert (summary.records, summary.samples, len(train)) == (2498, 2498, 2498)
+    assert summary.skipped == 3
+    assert summary.skipped_where == [f"{path}:6", f"{path}:1001", f"{path}:2001"]
+    assert "3 bad records skipped" in summary.line()
+    assert all("Be brief." not in tokenizer.decode(s.input_ids) for s in train)
+
+
+def test_every_record_refused_is_one_error(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", with_system(records(3), every=1))
+    with pytest.raises(UserError, match=f"all 3 records are bad under this chat template, e.g. {path}:1: "):
+        build(cfg_for(path, "data.on_error=skip"), strict_tokenizer(tokenizer), {tokenizer.eos_token_id})
+
+
+def test_eval_records_refused_are_counted_too(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", records(5))
+    held = write_jsonl(tmp_path / "e.jsonl", [*with_system(records(3), every=2), {"output": "x"}])
+    cfg = cfg_for(path, f"data.eval_path={held}", "data.on_error=skip")
+    train, evals, summary = build(cfg, strict_tokenizer(tokenizer), {tokenizer.eos_token_id})
+    assert (len(train), len(evals), summary.records) == (5, 2, 5)
+    assert summary.skipped_where == [f"{held}:4", f"{held}:2"]
+
+
+def test_slow_tokenizer_record_across_an_edge_is_skipped_with_the_others_kept(tmp_path):
+    from test_render import slow_tokenizer
+
+    slow = slow_tokenizer(merges=("\nI",))  # a reply starting with "I" is one token across the edge
+    rows = [
+        {"instruction": f"Say {i}", "output": ("I say " if i == 1 else "Yes ") + str(i)} for i in range(3)
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    train, _, summary = build(cfg_for(path, "data.on_error=skip"), slow, {slow.eos_token_id})
+    assert (len(train), summary.skipped_where) == (2, [f"{path}:2"])
+    assert [trained(slow, s) for s in train] == ["Yes 0<|im_end|>\n", "Yes 2<|im_end|>\n"]
+
+
+# ------------------------------------------------------ turns rendered as written
+
+
+def test_a_reasoning_template_trains_each_reply_as_a_sample_of_its_own(tokenizer, tmp_path):
+    from danlu.data.dataset import tokenize, tokenize_records
+    from test_templates import QWEN3_TOKENS, family
+
+    tok = family(tokenizer, "qwen3", QWEN3_TOKENS)
+    chat = {
+        "messages": [*CHAT, {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "Yes."}]
+    }
+    path = write_jsonl(tmp_path / "d.jsonl", [chat, {"messages": CHAT[:2]}])
+    train, _, summary = build(cfg_for(path), tok, {tok.eos_token_id})
+    assert (summary.records, summary.samples) == (2, 4)  # three replies, one of which is last
+    assert sorted(trained(tok, s) for s in train) == sorted(
+        f"<think>\n\n</think>\n\n{reply}<|im_end|>\n" for reply in ["Hello.", "Danlu.", "Yes.", "Hello."]
+    )
+    convs, _, _ = load_conversations(cfg_for(path))
+    pairs = tokenize_records(convs, tok, cfg_for(path), {tok.eos_token_id})
+    assert [len(samples) for _, samples in pairs] == [3, 1]
+    joined = tokenize(convs, tok, cfg_for(path), {tok.eos_token_id})  # one per record, for danlu data
+    assert len(joined) == 2 and len(joined[0].input_ids) == sum(len(s.input_ids) for s in pairs[0][1])

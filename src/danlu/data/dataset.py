@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -34,6 +35,7 @@ from danlu.data.packing import pack
 from danlu.data.render import (
     IGNORE,
     RAW_ROLES,
+    RecordError,
     Sample,
     assistant_spans,
     assistant_spans_many,
@@ -41,7 +43,7 @@ from danlu.data.render import (
     label,
     render_raw,
 )
-from danlu.data.sources import load_sources
+from danlu.data.sources import SkipReport, load_sources
 from danlu.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -159,79 +161,211 @@ def split_eval(conversations: list[Conversation], ratio: float, seed: int) -> tu
 # ---------------------------------------------------------------------- tokenizing
 
 _WORKER: dict[str, Any] = {}
+_SKIP_HINT = "; data.on_error=skip leaves such records out"
 
 
 def _tokenize_chunk(
     chunk: list[tuple[str, list[Message], Any]],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
-    """Tokenize a chunk in a worker: flat ids, flat labels, per-sample lengths, per-sample truncation.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, np.ndarray, list[tuple[int, str]]]:
+    """Tokenize a chunk in a worker: flat ids, flat labels, per-sample lengths, truncation and
+    owner (the conversation's index in the chunk), and the conversations refused as bad records.
 
-    Templates render one conversation at a time; the tokenizer then runs once for the chunk.
+    Templates render in batched calls; the tokenizer then runs once for the chunk.
     """
     w = _WORKER
-    tok, max_length = w["tokenizer"], w["max_length"]
-    samples: list[Sample | None] = [None] * len(chunk)
+    tok, max_length, loss_on = w["tokenizer"], w["max_length"], w["loss_on"]
+    refused: list[tuple[int, str]] = []
+
+    def refuse(i: int, e: RecordError) -> None:
+        if not w["skip"]:
+            hint = _SKIP_HINT if w["on_error"] == "raise" else ""
+            raise UserError(f"{chunk[i][0]}: {e}{hint}") from None
+        refused.append((i, str(e)))
+
     chats = [
         i
         for i, (_, messages, tools) in enumerate(chunk)
         if messages[0]["role"] not in RAW_ROLES and not tools
     ]
     try:
-        batched = dict(zip(chats, assistant_spans_many(tok, [chunk[i][1] for i in chats]), strict=True))
+        batched = dict(
+            zip(chats, assistant_spans_many(tok, [chunk[i][1] for i in chats], loss_on), strict=True)
+        )
     except Exception:  # noqa: BLE001 - one record is at fault: the loop below names it
         batched = {}
-    texts, spans, slots = [], [], []
+    samples: list[tuple[int, Sample]] = []
+    texts, spans, owners = [], [], []
     for i, (where, messages, tools) in enumerate(chunk):
         try:
             if messages[0]["role"] in RAW_ROLES:
-                samples[i] = render_raw(tok, messages, max_length)
+                samples.append((i, render_raw(tok, messages, max_length)))
                 continue
-            text, turn_spans = batched[i] if i in batched else assistant_spans(tok, messages, tools)
+            renderings = batched[i] if i in batched else assistant_spans(tok, messages, tools, loss_on)
+        except RecordError as e:
+            refuse(i, e)
+            continue
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
-        texts.append(text)
-        spans.append(turn_spans)
-        slots.append(i)
-    for i, (ids, ranges) in zip(slots, encode_texts(tok, texts, spans), strict=True):
-        try:
-            samples[i] = label(tok, ids, ranges, max_length, w["stop_ids"], w["loss_on"])
-        except UserError as e:
-            raise UserError(f"{chunk[i][0]}: {e}") from None
-    done = [s for s in samples if s is not None]
+        for text, turn_spans in renderings:
+            texts.append(text)
+            spans.append(turn_spans)
+            owners.append(i)
+    for i, encoded in zip(owners, _encode(tok, texts, spans, owners, refuse), strict=True):
+        if encoded is not None:
+            try:
+                samples.append((i, label(tok, *encoded, max_length, w["stop_ids"], loss_on)))
+            except UserError as e:
+                raise UserError(f"{chunk[i][0]}: {e}") from None
+    samples.sort(key=lambda pair: pair[0])  # stable: a conversation's samples stay in order
+    done = [s for _, s in samples]
     return (
         np.concatenate([s.input_ids for s in done]) if done else np.zeros(0, np.int32),
         np.concatenate([s.labels for s in done]) if done else np.zeros(0, np.int32),
         np.asarray([len(s.input_ids) for s in done], np.int64),
         [s.truncated for s in done],
+        np.asarray([i for i, _ in samples], np.int64),
+        refused,
     )
+
+
+def _encode(
+    tok: Any, texts: list[str], spans: list[list[tuple[int, int]]], owners: list[int], refuse: Any
+) -> list[tuple[np.ndarray, list[tuple[int, int]]] | None]:
+    """:func:`encode_texts` for all texts in one call; when a record is refused (a slow
+    tokenizer's token across a turn's edge), again one record at a time to find it: its texts
+    come back as None."""
+    try:
+        return list(encode_texts(tok, texts, spans))
+    except RecordError:
+        pass
+    out: list[tuple[np.ndarray, list[tuple[int, int]]] | None] = []
+    for i, group in itertools.groupby(range(len(texts)), key=owners.__getitem__):  # owners ascend
+        each = list(group)
+        try:
+            out += encode_texts(tok, [texts[k] for k in each], [spans[k] for k in each])
+        except RecordError as e:
+            refuse(i, e)
+            out += [None] * len(each)
+    return out
+
+
+def _tokenize(
+    conversations: list[Conversation], tokenizer: Any, cfg: DataConfig, stop_ids: set[int], skip: bool
+) -> tuple[list[Sample], np.ndarray, list[tuple[int, str]]]:
+    """Every sample of ``conversations`` in order, the index of the conversation each came
+    from, and (index, reason) of the conversations refused as bad records (only when ``skip``;
+    else the first raises). On ``cfg.num_proc`` processes (0: all cores) for large sets."""
+    _WORKER.update(
+        tokenizer=tokenizer,
+        max_length=cfg.max_seq_length,
+        stop_ids=stop_ids,
+        loss_on=cfg.loss_on,
+        skip=skip,
+        on_error=cfg.on_error,
+    )
+    items = [(r.where(), m, record_tools(r)) for r, m in conversations]
+    size = 1000
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    procs = cfg.num_proc or os.cpu_count() or 1
+    try:
+        if procs > 1 and len(chunks) > 1 and "fork" in mp.get_all_start_methods():
+            # fork: workers inherit the tokenizer instead of unpickling it
+            with mp.get_context("fork").Pool(min(procs, len(chunks))) as pool:
+                parts = pool.map(_tokenize_chunk, chunks, chunksize=1)
+        else:
+            parts = [_tokenize_chunk(c) for c in chunks]
+    finally:
+        _WORKER.clear()
+    samples: list[Sample] = []
+    refused: list[tuple[int, str]] = []
+    for offset, (ids, labels, lengths, truncated, _, bad) in zip(
+        range(0, len(items), size), parts, strict=True
+    ):
+        ends = np.cumsum(lengths)
+        for end, n, cut in zip(ends, lengths, truncated, strict=True):
+            samples.append(Sample(ids[end - n : end], labels[end - n : end], cut))
+        refused += [(offset + i, reason) for i, reason in bad]
+    owners = np.concatenate(
+        [part[4] + offset for offset, part in zip(range(0, len(items), size), parts, strict=True)]
+        or [np.zeros(0, np.int64)]
+    )
+    return samples, owners, refused
+
+
+def tokenize_records(
+    conversations: list[Conversation],
+    tokenizer: Any,
+    cfg: DataConfig,
+    stop_ids: set[int],
+    skipped: SkipReport | None = None,
+) -> list[tuple[Conversation, list[Sample]]]:
+    """Each conversation with the samples it trains as: one, or more where the chat template
+    renders earlier replies differently later on (see :mod:`danlu.data.render`).
+
+    A record the template refuses raises, naming file and line; with ``data.on_error=skip``
+    and a ``skipped`` report, it is left out and added to the report instead.
+    """
+    skip = cfg.on_error == "skip" and skipped is not None
+    samples, owners, refused = _tokenize(conversations, tokenizer, cfg, stop_ids, skip)
+    if skipped is not None:
+        for i, reason in refused:
+            skipped.add(conversations[i][0].where(), reason)
+    starts = np.searchsorted(owners, np.arange(len(conversations) + 1), "left")
+    out = []
+    gone = {i for i, _ in refused}
+    for k, conversation in enumerate(conversations):
+        if k not in gone:
+            out.append((conversation, samples[starts[k] : starts[k + 1]]))
+    return out
 
 
 def tokenize(
     conversations: list[Conversation], tokenizer: Any, cfg: DataConfig, stop_ids: set[int]
 ) -> list[Sample]:
-    """Render every conversation, on ``cfg.num_proc`` processes (0: all cores) for large sets."""
-    _WORKER.update(tokenizer=tokenizer, max_length=cfg.max_seq_length, stop_ids=stop_ids, loss_on=cfg.loss_on)
-    items = [(r.where(), m, record_tools(r)) for r, m in conversations]
-    size = 1000
-    chunks = [items[i : i + size] for i in range(0, len(items), size)]
-    procs = cfg.num_proc or os.cpu_count() or 1
-    if procs > 1 and len(chunks) > 1 and "fork" in mp.get_all_start_methods():
-        # fork: workers inherit the tokenizer instead of unpickling it
-        with mp.get_context("fork").Pool(min(procs, len(chunks))) as pool:
-            parts = pool.map(_tokenize_chunk, chunks, chunksize=1)
-    else:
-        parts = [_tokenize_chunk(c) for c in chunks]
-    _WORKER.clear()
-    samples: list[Sample] = []
-    for ids, labels, lengths, truncated in parts:
-        ends = np.cumsum(lengths)
-        for end, n, cut in zip(ends, lengths, truncated, strict=True):
-            samples.append(Sample(ids[end - n : end], labels[end - n : end], cut))
-    return samples
+    """One sample per conversation, in order, for callers that pair samples with records.
+
+    A record that trains as several samples comes back as their concatenation (its tokens, as
+    many as training spends on it); a record the template refuses raises, whatever
+    ``data.on_error`` says. :func:`tokenize_records` has neither limit.
+    """
+    out = []
+    for _, samples in tokenize_records(conversations, tokenizer, cfg, stop_ids):
+        if len(samples) == 1:
+            out.append(samples[0])
+        else:
+            out.append(
+                Sample(
+                    np.concatenate([s.input_ids for s in samples]),
+                    np.concatenate([s.labels for s in samples]),
+                    any(s.truncated for s in samples),
+                )
+            )
+    return out
 
 
 def _keep_trainable(samples: list[Sample]) -> list[Sample]:
     return [s for s in samples if (np.asarray(s.labels[1:]) != IGNORE).any()]
+
+
+def _samples(
+    conversations: list[Conversation],
+    tokenizer: Any,
+    cfg: DataConfig,
+    stop_ids: set[int],
+    skipped: SkipReport,
+) -> tuple[list[Sample], int]:
+    """The trainable samples of ``conversations`` and how many records the template refused."""
+    if not conversations:
+        return [], 0
+    samples, _, refused = _tokenize(conversations, tokenizer, cfg, stop_ids, cfg.on_error == "skip")
+    for i, reason in refused:
+        skipped.add(conversations[i][0].where(), reason)
+    if len(refused) == len(conversations):
+        where, reason = skipped.items[-len(refused)]
+        raise UserError(
+            f"all {len(refused)} records are bad under this chat template, e.g. {where}: {reason}"
+        )
+    return _keep_trainable(samples), len(refused)
 
 
 def build(
@@ -248,9 +382,12 @@ def build(
     conversations, formats, skipped = load_conversations(cfg)
     train_convs, eval_convs = split_eval(conversations, cfg.eval_ratio, cfg.seed)
     if cfg.eval_path:
-        eval_convs = load_conversations(cfg, cfg.eval_path)[0]
-    train = _keep_trainable(tokenize(train_convs, tokenizer, cfg, stop_ids))
-    evals = _keep_trainable(tokenize(eval_convs, tokenizer, cfg, stop_ids)) if eval_convs else []
+        eval_convs, _, eval_skipped = load_conversations(cfg, cfg.eval_path)
+        skipped.items += eval_skipped.items
+    train, refused = _samples(train_convs, tokenizer, cfg, stop_ids, skipped)
+    evals, refused_evals = _samples(eval_convs, tokenizer, cfg, stop_ids, skipped)
+    if not cfg.eval_path:
+        refused += refused_evals  # held out of this data, so no longer among its records
     if not train:
         raise UserError(
             f"{', '.join(cfg.path)}: no sample has trained tokens left within data.max_seq_length="
@@ -259,7 +396,7 @@ def build(
     summary = DataSummary(
         path=", ".join(cfg.path),
         format=formats,
-        records=len(conversations),
+        records=len(conversations) - refused,
         samples=len(train),
         truncated=sum(s.truncated for s in train),
         tokens=sum(len(s.input_ids) for s in train),

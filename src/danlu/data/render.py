@@ -2,16 +2,33 @@
 
 This is the only place where loss masks are made. Raw records (roles ``text``, or ``prompt``
 then ``completion``) skip the template: text trains every token, a completion trains only
-itself; both end with the EOS token. Each assistant turn is located in the
-rendered text as the characters between "the conversation so far, with the generation
-prompt" and "the conversation including this turn"; tokens starting inside those spans are
-trained, everything else gets label ``IGNORE``. The span therefore holds the turn's end-of-turn
-token (``<|im_end|>`` for ChatML), which the model must learn to stop; :func:`render` checks
-that it is there.
+itself; both end with the EOS token.
+
+An assistant turn is trained as the template renders it at that point of the conversation,
+which is what the model sees when it writes that turn: the characters between "the
+conversation so far, with the generation prompt" (``before``) and "the conversation through
+this turn" (``through``). The span therefore holds the turn's end-of-turn token (``<|im_end|>``
+for ChatML), which the model must learn to stop; :func:`label` checks that it is there.
+
+Most templates render conversations as growing prefixes: every turn's ``before`` and
+``through`` are prefixes of the whole conversation, and the conversation is one sample with
+each turn's span trained. Reasoning templates do not. Qwen3's drops the ``<think>`` part of
+replies that came before the last user message, so an earlier reply reads differently in the
+whole conversation than when it was written; Gemma 4's generation prompt holds an empty thought
+channel that no rendered reply has. Such a turn becomes a sample of its own: ``before`` and the
+reply as ``through`` renders it (what ``through`` adds to ``before``, or, when ``before`` is not
+a prefix of ``through``, what follows their common start, if that begins with the turn's
+content), only the reply trained. The whole conversation still trains every turn it renders
+as written. A chat of n replies then costs up to n samples and about n/2 times the tokens.
+With ``loss_on=all`` the whole conversation is trained as rendered and is always one sample.
+
+A chat template that raises on a record (Mistral's "roles must alternate" on a system message)
+is a :class:`RecordError`: one bad record, skipped under ``data.on_error=skip``.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +41,14 @@ IGNORE = -100
 
 RAW_ROLES = ("text", "prompt", "completion")
 LOSS_ON = ("assistant", "last_assistant", "all")
+
+# A rendered text and the character spans it trains: (text, [(start, end), ...])
+Rendering = tuple[str, list[tuple[int, int]]]
+
+
+class RecordError(UserError):
+    """A record the chat template or tokenizer cannot render right (the template raises on it);
+    ``data.on_error=skip`` leaves it out, like any other bad record."""
 
 
 @dataclass
@@ -43,47 +68,39 @@ class Sample:
 def _template(
     tokenizer: Any, messages: list[dict], generation_prompt: bool, tools: list | None = None
 ) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt, tools=tools
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt, tools=tools
+        )
+    except Exception as e:  # noqa: BLE001 - the template is the user's code: what it raises is about the data
+        raise _refusal(tokenizer, messages, tools, e) from None
 
 
-def assistant_spans(
-    tokenizer: Any, messages: list[dict], tools: list | None = None
-) -> tuple[str, list[tuple[int, int]]]:
-    """Render ``messages`` and return the text plus the character span of each assistant turn."""
-    _check_template(tokenizer)
-    text = _template(tokenizer, messages, False, tools)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = _template(tokenizer, messages[:i], True, tools)
-        # the conversation through its last turn is the whole text: one render saved per record
-        through = text if i == len(messages) - 1 else _template(tokenizer, messages[: i + 1], False, tools)
-        spans.append(_span(text, before, through))
-    return text, spans
+def _refusal(tokenizer: Any, messages: list[dict], tools: list | None, error: Exception) -> UserError:
+    """The error for a template that raised on ``messages``: its own message and what to do."""
+    from jinja2 import TemplateError, TemplateSyntaxError
 
-
-def assistant_spans_many(
-    tokenizer: Any, conversations: list[list[dict]]
-) -> list[tuple[str, list[tuple[int, int]]]]:
-    """:func:`assistant_spans` for many conversations without tools, the template rendered in a
-    few batched calls (a quarter less time than one call per render). On any error, call
-    :func:`assistant_spans` per conversation to find the one at fault."""
-    _check_template(tokenizer)
-    texts = _render_many(tokenizer, conversations, False)
-    turns = [
-        (k, i) for k, msgs in enumerate(conversations) for i, m in enumerate(msgs) if m["role"] == "assistant"
-    ]
-    befores = _render_many(tokenizer, [conversations[k][:i] for k, i in turns], True)
-    inner = [(k, i) for k, i in turns if i != len(conversations[k]) - 1]  # turns before the last
-    rendered = _render_many(tokenizer, [conversations[k][: i + 1] for k, i in inner], False)
-    throughs = dict(zip(inner, rendered, strict=True))
-    out: list[tuple[str, list[tuple[int, int]]]] = [(text, []) for text in texts]
-    for (k, i), before in zip(turns, befores, strict=True):
-        out[k][1].append(_span(texts[k], before, throughs.get((k, i), texts[k])))
-    return out
+    if isinstance(error, TemplateSyntaxError):  # the template itself is broken, not the record
+        return UserError(
+            f"the chat template is not valid Jinja (line {error.lineno}: {error.message}); "
+            "fix it or set data.template to a named template"
+        )
+    said = str(error).strip()
+    if type(error) is not TemplateError:  # raise_exception() gives the template's own words
+        said = f"{type(error).__name__}: {said}" if said else type(error).__name__
+    fix = "fix the record, or set data.template to a template that takes it"
+    if any(m["role"] == "system" for m in messages):
+        rest = [m for m in messages if m["role"] != "system"]
+        try:
+            tokenizer.apply_chat_template(rest, tokenize=False, tools=tools)
+        except Exception:  # noqa: BLE001, S110 - it fails without the system message too
+            pass
+        else:
+            fix = (
+                "this template takes no system message: drop it from the record (and data.system), "
+                "or set data.template to a template that has one"
+            )
+    return RecordError(f"the chat template refuses this record ({said}); {fix}")
 
 
 def _render_many(tokenizer: Any, conversations: list[list[dict]], generation_prompt: bool) -> list[str]:
@@ -94,6 +111,51 @@ def _render_many(tokenizer: Any, conversations: list[list[dict]], generation_pro
     )
 
 
+def _wanted(messages: list[dict], loss_on: str) -> list[int]:
+    """Indices of the assistant turns to locate: the trained ones (for ``all``: every one, so
+    each is checked for its stop token)."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return turns[-1:] if loss_on == "last_assistant" else turns
+
+
+def assistant_spans(
+    tokenizer: Any, messages: list[dict], tools: list | None = None, loss_on: str = "assistant"
+) -> list[Rendering]:
+    """The texts ``messages`` trains as, each with the character spans of its trained turns:
+    the whole conversation first, then one text per turn it does not render as written."""
+    _check_template(tokenizer)
+    text = _template(tokenizer, messages, False, tools)
+    wanted = _wanted(messages, loss_on)
+    turns = [
+        (
+            _template(tokenizer, messages[:i], True, tools),
+            text if i == len(messages) - 1 else _template(tokenizer, messages[: i + 1], False, tools),
+            messages[i]["content"],
+        )
+        for i in wanted
+    ]
+    return _renderings(text, turns, loss_on)
+
+
+def assistant_spans_many(
+    tokenizer: Any, conversations: list[list[dict]], loss_on: str = "assistant"
+) -> list[list[Rendering]]:
+    """:func:`assistant_spans` for many conversations without tools, the template rendered in a
+    few batched calls (a quarter less time than one call per render). On any error, call
+    :func:`assistant_spans` per conversation to find the one at fault."""
+    _check_template(tokenizer)
+    texts = _render_many(tokenizer, conversations, False)
+    wanted = [(k, i) for k, msgs in enumerate(conversations) for i in _wanted(msgs, loss_on)]
+    befores = _render_many(tokenizer, [conversations[k][:i] for k, i in wanted], True)
+    inner = [(k, i) for k, i in wanted if i != len(conversations[k]) - 1]  # not the last message
+    rendered = _render_many(tokenizer, [conversations[k][: i + 1] for k, i in inner], False)
+    throughs = dict(zip(inner, rendered, strict=True))
+    turns: list[list[tuple[str, str, str]]] = [[] for _ in conversations]
+    for (k, i), before in zip(wanted, befores, strict=True):
+        turns[k].append((before, throughs.get((k, i), texts[k]), conversations[k][i]["content"]))
+    return [_renderings(text, t, loss_on) for text, t in zip(texts, turns, strict=True)]
+
+
 def _check_template(tokenizer: Any) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
@@ -102,39 +164,91 @@ def _check_template(tokenizer: Any) -> None:
         )
 
 
-def _span(text: str, before: str, through: str) -> tuple[int, int]:
-    """An assistant turn's characters: after "the conversation so far + generation prompt",
-    through "the conversation including this turn"; both must be prefixes of the whole text."""
-    if not (text.startswith(before) and text.startswith(through) and len(through) > len(before)):
+def _renderings(text: str, turns: list[tuple[str, str, str]], loss_on: str) -> list[Rendering]:
+    """Place each turn, given as its ``before`` and ``through`` renders and its content: in the
+    whole ``text`` when both are prefixes of it, else in a text of its own. See the module
+    docstring."""
+    whole: list[tuple[int, int]] = []
+    apart: list[Rendering] = []
+    for k, (before, through, content) in enumerate(turns):
+        last = k == len(turns) - 1
+        if len(through) > len(before) and text.startswith(through) and text.startswith(before):
+            whole.append((len(before), len(through)))
+            continue
+        reply = _reply(before, through, content)
+        if loss_on == "all":  # the whole text is trained as rendered; its last reply must be found
+            if not last:
+                continue
+            if reply is not None and text.startswith(through):
+                whole.append((len(through) - len(reply), len(through)))
+                continue
+        elif reply is not None:
+            apart.append((before + reply, [(len(before), len(before) + len(reply))]))
+            continue
         raise UserError(
-            "the chat template does not render conversations as growing prefixes, so the "
-            "assistant turns cannot be located; use a model whose template does"
+            "the chat template renders an assistant turn's prompt (the conversation before it, with "
+            "the generation prompt) so that the turn cannot be located after it; use a model or "
+            "data.template whose template does"
         )
-    return len(before), len(through)
+    return ([(text, whole)] if whole or not apart else []) + apart
+
+
+def _reply(before: str, through: str, content: str) -> str | None:
+    """The text the model writes for a turn, after the prompt ``before``: what ``through`` adds
+    to it; or, where the generation prompt holds something the rendered turn lacks (Gemma 4's
+    empty thought channel), what ``through`` has after their common start, if that is the turn's
+    content. None when neither holds."""
+    if len(through) > len(before) and through.startswith(before):
+        return through[len(before) :]
+    reply = through[len(os.path.commonprefix([before, through])) :]
+    head = content.strip()[:32]
+    return reply if head and reply.lstrip().startswith(head) else None
 
 
 def encode_texts(
     tokenizer: Any, texts: list[str], spans: list[list[tuple[int, int]]]
 ) -> list[tuple[np.ndarray, list[tuple[int, int]]]]:
     """Token ids of each text and, for each of its character spans, the range ``[first, last)``
-    of the tokens that start inside the span; the tokenizer runs once for all texts."""
+    of the tokens that start inside the span; the tokenizer runs once for all texts.
+
+    Slow (Python) tokenizers give no character offsets; see :func:`_encode_slow`."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # fast tokenizers: one call into Rust for the whole batch
-        out = []
-        for e, text_spans in zip(backend.encode_batch(texts, add_special_tokens=False), spans, strict=True):
-            ranges = [_token_range(e, start, end) for start, end in text_spans]
-            if any(r is None for r in ranges):  # a span edge no token covers: read every offset
-                starts = np.asarray([a for a, _ in e.offsets], np.int64)
-                ranges = [_range_from_starts(starts, start, end) for start, end in text_spans]
-            out.append((np.asarray(e.ids, np.int32), ranges))
-        return out
-    out = []
-    for text, text_spans in zip(texts, spans, strict=True):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        starts = np.asarray([a for a, _ in enc["offset_mapping"]], np.int64)
-        ranges = [_range_from_starts(starts, start, end) for start, end in text_spans]
-        out.append((np.asarray(enc["input_ids"], np.int32), ranges))
+    if backend is None:
+        return [
+            _encode_slow(tokenizer, text, text_spans) for text, text_spans in zip(texts, spans, strict=True)
+        ]
+    out = []  # fast tokenizers: one call into Rust for the whole batch
+    for e, text_spans in zip(backend.encode_batch(texts, add_special_tokens=False), spans, strict=True):
+        ranges = [_token_range(e, start, end) for start, end in text_spans]
+        if any(r is None for r in ranges):  # a span edge no token covers: read every offset
+            starts = np.asarray([a for a, _ in e.offsets], np.int64)
+            ranges = [_range_from_starts(starts, start, end) for start, end in text_spans]
+        out.append((np.asarray(e.ids, np.int32), ranges))
     return out
+
+
+def _encode_slow(
+    tokenizer: Any, text: str, spans: list[tuple[int, int]]
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """A slow tokenizer's ids for ``text`` and the token ranges of ``spans``, without offsets.
+
+    The text up to each span edge is tokenized on its own; where those ids begin the ids of the
+    whole text, the edge falls between two tokens, at that count. Otherwise a token crosses
+    the edge, and which tokens are the turn's cannot be told: the record is refused rather
+    than trained on a guess. Costs one tokenizer call per span edge.
+    """
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    edges: dict[int, int] = {0: 0, len(text): len(ids)}
+    for edge in sorted({e for span in spans for e in span} - set(edges)):
+        head = list(tokenizer(text[:edge], add_special_tokens=False)["input_ids"])
+        if ids[: len(head)] != head:
+            raise RecordError(
+                f"{type(tokenizer).__name__} is a slow (Python) tokenizer, and one of its tokens here "
+                f"crosses the edge of an assistant turn ({text[max(0, edge - 12) : edge + 12]!r}), so "
+                "the turn's tokens cannot be told; use the model's fast tokenizer (tokenizer.json)"
+            )
+        edges[edge] = len(head)
+    return np.asarray(ids, np.int32), [(edges[start], edges[end]) for start, end in spans]
 
 
 def _range_from_starts(starts: np.ndarray, start: int, end: int) -> tuple[int, int]:
@@ -168,10 +282,10 @@ def label(
     stop_ids: set[int],
     loss_on: str = "assistant",
 ) -> Sample:
-    """Labels for encoded text: tokens in the trained ranges (see :func:`encode_texts`) keep their id."""
-    trained = ranges[-1:] if loss_on == "last_assistant" else ranges
+    """Labels for encoded text: tokens in ``ranges`` (see :func:`encode_texts`) keep their id,
+    or every token with ``loss_on="all"``. Each range must hold one of ``stop_ids``."""
     labels = ids.copy() if loss_on == "all" else np.full_like(ids, IGNORE)
-    for first, last in trained:
+    for first, last in ranges:
         turn = ids[first:last]
         if stop_ids and not any((turn == s).any() for s in stop_ids):
             names = ", ".join(repr(tokenizer.convert_ids_to_tokens(int(t))) for t in sorted(stop_ids))
@@ -186,6 +300,29 @@ def label(
     return Sample(ids_np[:max_length], labels_np[:max_length], truncated)
 
 
+def render_samples(
+    tokenizer: Any,
+    messages: list[dict],
+    max_length: int,
+    stop_ids: set[int],
+    loss_on: str = "assistant",
+    tools: list | None = None,
+) -> list[Sample]:
+    """Tokenize one conversation into the samples it trains as (see the module docstring).
+
+    ``loss_on``: ``assistant`` (every assistant turn), ``last_assistant`` or ``all`` (every
+    token). Raises :class:`UserError` when a trained assistant turn would not teach the model
+    to stop (none of ``stop_ids`` inside it), since such a model never stops talking. For many
+    conversations at once, :func:`assistant_spans_many`, :func:`encode_texts` and
+    :func:`label` are the same steps with the tokenizer called once per batch.
+    """
+    if messages and messages[0]["role"] in RAW_ROLES:
+        return [render_raw(tokenizer, messages, max_length)]
+    renderings = assistant_spans(tokenizer, messages, tools, loss_on)
+    encoded = encode_texts(tokenizer, [t for t, _ in renderings], [s for _, s in renderings])
+    return [label(tokenizer, ids, ranges, max_length, stop_ids, loss_on) for ids, ranges in encoded]
+
+
 def render(
     tokenizer: Any,
     messages: list[dict],
@@ -194,19 +331,11 @@ def render(
     loss_on: str = "assistant",
     tools: list | None = None,
 ) -> Sample:
-    """Tokenize one conversation; by default train on assistant turns, including their stop token.
-
-    ``loss_on``: ``assistant`` (every assistant turn), ``last_assistant`` or ``all`` (every
-    token). Raises :class:`UserError` when a trained assistant turn would not teach the model
-    to stop (none of ``stop_ids`` inside it), since such a model never stops talking. For many
-    conversations at once, :func:`assistant_spans`, :func:`encode_texts` and :func:`label` are
-    the same steps with the tokenizer called once per batch.
-    """
-    if messages and messages[0]["role"] in RAW_ROLES:
-        return render_raw(tokenizer, messages, max_length)
-    text, spans = assistant_spans(tokenizer, messages, tools)
-    ((ids, ranges),) = encode_texts(tokenizer, [text], [spans])
-    return label(tokenizer, ids, ranges, max_length, stop_ids, loss_on)
+    """:func:`render_samples` for a conversation that trains as one sample (raises otherwise)."""
+    samples = render_samples(tokenizer, messages, max_length, stop_ids, loss_on, tools)
+    if len(samples) != 1:
+        raise ValueError(f"this conversation trains as {len(samples)} samples; use render_samples")
+    return samples[0]
 
 
 def render_raw(tokenizer: Any, messages: list[dict], max_length: int) -> Sample:
