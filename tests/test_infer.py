@@ -160,3 +160,175 @@ def test_missing_bitsandbytes_is_named_before_loading(tiny_model_dir, monkeypatc
     )
     with pytest.raises(UserError, match="pip install bitsandbytes"):
         Engine(str(tiny_model_dir), precision="fp32", quantization="nf4")
+
+
+# ------------------------------------------------------------------ the batching engine
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_model_dir, tmp_path_factory):
+    from test_server import make_adapter
+
+    root = tmp_path_factory.mktemp("infer-adapters")
+    return {name: make_adapter(tiny_model_dir, root / name, seed) for name, seed in (("a", 1), ("b", 2))}
+
+
+def test_replies_decoded_together_equal_transformers_generate_one_at_a_time(tiny_model_dir, two_adapters):
+    """Requests of different lengths and adapters arrive while others decode: each reply is what
+    transformers' own generate() gives for it alone, and forwards were shared."""
+    import random
+    import threading
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    engine = Engine(str(tiny_model_dir), adapters=two_adapters, precision="fp32")
+    rng = random.Random(0)
+    jobs = [
+        (
+            [{"role": "user", "content": "word " * rng.randint(1, 60) + str(i)}],
+            rng.choice([None, "a", "b"]),
+            rng.randint(1, 24),
+        )
+        for i in range(18)
+    ]
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    models = {None: base}
+    for name, path in two_adapters.items():
+        models[name] = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir), path
+        ).eval()
+    expected = []
+    for messages, adapter, n in jobs:
+        ids = torch.tensor([engine.prompt_ids(messages, adapter)])
+        with torch.inference_mode():
+            out = models[adapter].generate(
+                input_ids=ids, max_new_tokens=n, do_sample=False, eos_token_id=engine.stop_ids, pad_token_id=0
+            )
+        expected.append(engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    got: list[str | None] = [None] * len(jobs)
+
+    def one(i: int) -> None:
+        time.sleep(rng.random() * 0.2)
+        messages, adapter, n = jobs[i]
+        settings = GenerationSettings(max_new_tokens=n, temperature=0, repetition_penalty=1.0)
+        got[i] = engine.chat(messages, settings, adapter).text()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
+    assert engine.batcher.widest > 1 and engine.batcher.steps < sum(n for _, _, n in jobs)
+
+
+def test_stop_strings_cut_across_tokens_and_characters_come_out_whole(tiny_model_dir):
+    from danlu.infer.generation import Detokenizer
+
+    engine = Engine(str(tiny_model_dir), precision="fp32")
+    tok = engine.tokenizer
+
+    def feed(text: str, stops: tuple[str, ...] = ()) -> tuple[list[str], bool]:
+        d, pieces = Detokenizer(tok, stops), []
+        for t in tok.encode(text, add_special_tokens=False):
+            delta, hit = d.add(t, None)
+            pieces += [delta.text] if delta else []
+            if hit:
+                return pieces, True
+        last = d.flush()
+        return pieces + ([last.text] if last else []), False
+
+    pieces, hit = feed("Hello world, 日本語 and more")
+    assert "".join(pieces) == "Hello world, 日本語 and more" and not hit
+    assert not any("\ufffd" in p for p in pieces) and len(pieces) > 3
+    pieces, hit = feed("Hello world, this", ("o w",))
+    assert "".join(pieces) == "Hell" and hit  # "o w" spans two tokens
+    pieces, hit = feed("Hello world, 日本語 and more", ("本語", "zz"))
+    assert "".join(pieces) == "Hello world, 日" and hit
+
+
+def test_a_prompt_too_long_is_refused_and_a_long_reply_cut_to_the_window(tiny_model_dir):
+    from danlu.infer import ContextLengthError
+
+    engine = Engine(str(tiny_model_dir), precision="fp32")
+    with pytest.raises(
+        ContextLengthError, match=r"maximum context length is 512 tokens, but the prompt alone is \d+"
+    ):
+        engine.chat([{"role": "user", "content": "word " * 600}])
+    near = [{"role": "user", "content": "word " * 470}]
+    prompt = len(engine.prompt_ids(near))
+    reply = engine.chat(near, GenerationSettings(max_new_tokens=100, temperature=0))
+    reply.text()
+    assert reply.completion_tokens == 512 - prompt and reply.finish_reason == "length"
+    with pytest.raises(ContextLengthError, match=f"you requested {prompt + 100} tokens"):
+        engine.chat(near, GenerationSettings(max_new_tokens=100), asked=100)
+
+
+def test_a_template_that_refuses_the_conversation_is_a_one_line_user_error(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from danlu.errors import UserError
+    from test_server import TOOL_TEMPLATE, make_adapter
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "a", seed=1)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = TOOL_TEMPLATE
+    tokenizer.save_pretrained(adapter)
+    engine = Engine(str(tiny_model_dir), adapter, precision="fp32")
+    with pytest.raises(UserError, match="cannot render this conversation .no system messages here.") as e:
+        engine.reply([{"role": "system", "content": "x"}, *HI])
+    assert "\n" not in str(e.value)
+
+
+def test_seeds_sampling_settings_and_stopping(tiny_model_dir):
+    import time
+
+    from danlu.infer import Busy
+
+    engine = Engine(str(tiny_model_dir), precision="fp32", max_batch=1, max_waiting=1)
+    hot = GenerationSettings(max_new_tokens=8, temperature=2, top_p=1, top_k=0, seed=5)  # an int temperature
+    assert engine.chat(HI, hot).text() == engine.chat(HI, hot).text()
+    assert (
+        engine.chat(HI, hot).text() != engine.chat(HI, GenerationSettings(**{**vars(hot), "seed": 6})).text()
+    )
+    with pytest.raises(Exception, match="top_p"):
+        engine.chat(HI, GenerationSettings(top_p=0))
+    long = GenerationSettings(max_new_tokens=400, temperature=0)
+    first = engine.chat(HI, long)
+    while engine.batcher.waiting:  # until the first is being decoded: one more may wait
+        time.sleep(0.01)
+    second = engine.chat(HI, long)
+    with pytest.raises(Busy):
+        engine.chat(HI, long)
+    first.stop()
+    second.stop()
+    assert first.text() is not None and first.finish_reason == "stop" and first.completion_tokens < 400
+    pieces = engine.stream(HI, long)
+    next(pieces)
+    pieces.close()  # a reader that leaves stops its reply
+    from danlu.infer.batch import wait_idle
+
+    assert wait_idle(engine.batcher, 5)
+    engine.shutdown()
+    assert engine.batcher.thread is None
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_beside_running_replies(tiny_model_dir):
+    """Prompts longer than the prefill budget go in pieces, interleaved with other replies' steps,
+    and give the same reply as in one piece."""
+    engine = Engine(str(tiny_model_dir), precision="fp32")
+    long = [{"role": "user", "content": "many words here " * 40}]
+    settings = GenerationSettings(max_new_tokens=6, temperature=0, repetition_penalty=1.0)
+    whole = engine.chat(long, settings).text()
+    steps = engine.batcher.steps
+    engine.batcher.prefill_tokens = 16
+    running = engine.chat(HI, GenerationSettings(max_new_tokens=200, temperature=0))
+    chunked = engine.chat(long, settings)
+    assert chunked.text() == whole
+    assert engine.batcher.steps - steps >= len(engine.prompt_ids(long)) // 16
+    assert not running.finished  # the other reply kept going, and is still going
+    running.stop()
+    running.text()

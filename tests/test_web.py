@@ -22,8 +22,9 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr = pytest.importorskip("gradio")
 
-from danlu.app.web import FONTS, MONO, build_demo, to_messages  # noqa: E402
+from danlu.app.web import FONTS, MONO, build_demo, clamped, to_messages  # noqa: E402
 from danlu.infer import Engine, GenerationSettings  # noqa: E402
+from danlu.infer.batch import wait_idle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -54,10 +55,19 @@ def test_history_and_system_prompt_become_engine_messages():
     assert to_messages("x", [], "") == [{"role": "user", "content": "x"}]
 
 
+def test_sliders_reach_generation_as_floats_within_range():
+    """A slider may send an int (temperature 2): generation gets 2.0, and values out of range are
+    brought back into it."""
+    s = clamped(GREEDY, 2, 0, 0)
+    assert (s.temperature, s.top_p, s.max_new_tokens) == (2.0, 0.05, 1) and type(s.temperature) is float
+    s = clamped(GREEDY, 9, 3, 10**9)
+    assert (s.temperature, s.top_p, s.max_new_tokens) == (2.0, 1.0, 8192)
+
+
 @contextmanager
-def serving(engine: Engine, label: str) -> Iterator[str]:
+def serving(engine: Engine, label: str, defaults: GenerationSettings = GREEDY) -> Iterator[str]:
     """Launch the page on a free localhost port in this process; yield its URL."""
-    demo = build_demo(engine, GREEDY, label=label)
+    demo = build_demo(engine, defaults, label=label)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -89,13 +99,17 @@ def browser_page(url: str) -> Iterator[Any]:
             browser.close()
 
 
-def send(page: Any, text: str) -> None:
+def send(page: Any, text: str, button: bool = False) -> None:
+    """Type ``text`` into the chat box; press Enter, or click Send."""
     from playwright.sync_api import expect
 
     box = page.locator("#message textarea, #message input").first
     expect(box).to_be_editable(timeout=60_000)
     box.fill(text)
-    box.press("Enter")
+    if button:
+        page.locator("#message").get_by_role("button", name="Send").click()
+    else:
+        box.press("Enter")
 
 
 def _loose(text: str) -> re.Pattern:
@@ -159,3 +173,96 @@ def test_real_model_streams_into_the_page_and_saves_the_screenshot(tmp_path):
         folder.mkdir(exist_ok=True)
         page.screenshot(path=str(folder / "web.png"))
         assert (folder / "web.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    from test_server import make_adapter
+
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("web") / "a", seed=1)
+
+
+@needs_chromium
+def test_send_and_stop_buttons_stop_the_model(tiny_model_dir):
+    """Send starts a reply; Stop ends it at the next token (the model is slowed to 0.05 s a token,
+    so the 400-token reply would run 20 s), and the page takes the next message."""
+    from playwright.sync_api import expect
+
+    engine = Engine(str(tiny_model_dir), precision="fp32")
+    engine.model.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
+    long = GenerationSettings(max_new_tokens=400, temperature=0, repetition_penalty=1.0)
+    with serving(engine, "tiny test model", long) as url, browser_page(url) as page:
+        send(page, "Hello there", button=True)
+        bot = page.locator("[data-testid='bot']").first
+        expect(bot).not_to_have_text(re.compile(r"^\s*$"), timeout=60_000)
+        page.locator("#message").get_by_role("button", name="Stop").click()
+        stopped = time.monotonic()
+        assert wait_idle(engine.batcher, 5), "the reply kept generating"
+        assert time.monotonic() - stopped < 3
+        shown = bot.inner_text()
+        page.wait_for_timeout(500)
+        assert bot.inner_text() == shown  # nothing more arrives
+        send(page, "And then?")
+        expect(page.locator("[data-testid='bot']").nth(1)).not_to_have_text(
+            re.compile(r"^\s*$"), timeout=60_000
+        )
+
+
+@needs_chromium
+def test_temperature_two_on_the_slider_answers(tiny_model_dir):
+    from playwright.sync_api import expect
+
+    engine = Engine(str(tiny_model_dir), precision="fp32")
+    with serving(engine, "tiny test model") as url, browser_page(url) as page:
+        page.get_by_text("Sampling").click()
+        number = page.get_by_label("number input for Temperature (0 = greedy)")
+        number.fill("2")
+        number.press("Enter")
+        send(page, "Hello there")
+        expect(page.locator("[data-testid='bot']").first).not_to_have_text(
+            re.compile(r"^\s*$"), timeout=60_000
+        )
+        assert not page.get_by_text("Error").count()
+
+
+@needs_chromium
+def test_compare_tab_answers_with_base_and_adapter_side_by_side(tiny_model_dir, adapter_dir):
+    from playwright.sync_api import expect
+
+    engine = Engine(str(tiny_model_dir), adapter_dir, precision="fp32")
+    question = [{"role": "user", "content": "Hello there"}]
+    base, tuned = engine.reply(question, GREEDY, use_adapter=False), engine.reply(question, GREEDY)
+    assert base != tuned
+    with serving(engine, "tiny + adapter") as url, browser_page(url) as page:
+        page.get_by_role("tab", name="Compare base and adapter").click()
+        box = page.locator("#compare-message textarea").first
+        expect(box).to_be_editable(timeout=60_000)
+        box.fill("Hello there")
+        page.locator("#compare-send").click()
+        expect(page.locator("#base [data-testid='bot']").first).to_have_text(_loose(base), timeout=60_000)
+        expect(page.locator("#tuned [data-testid='bot']").first).to_have_text(_loose(tuned), timeout=60_000)
+        # the chat tab's picker answers with the bare base
+        page.get_by_role("tab", name="Chat").click()
+        page.locator("#which").get_by_text("base model").click()
+        send(page, "Hello there")
+        expect(page.locator("[data-testid='bot']").first).to_have_text(_loose(base), timeout=60_000)
+
+
+@needs_chromium
+def test_a_conversation_the_template_refuses_shows_one_line(tiny_model_dir, tmp_path):
+    from playwright.sync_api import expect
+    from transformers import AutoTokenizer
+
+    from test_server import TOOL_TEMPLATE, make_adapter
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "a", seed=1)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = TOOL_TEMPLATE  # raises on a system message
+    tokenizer.save_pretrained(adapter)
+    engine = Engine(str(tiny_model_dir), adapter, precision="fp32")
+    with serving(engine, "tiny") as url, browser_page(url) as page:
+        page.get_by_label("System prompt").fill("Be brief.")
+        send(page, "Hello there")
+        expect(
+            page.get_by_text(re.compile("cannot render this conversation.*no system messages here"))
+        ).to_be_visible(timeout=60_000)

@@ -18,7 +18,10 @@ from danlu.app.common import (
 )
 from danlu.errors import UserError
 
-HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
+HELP = (
+    "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit; "
+    "Ctrl-C stops a reply"
+)
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -34,13 +37,21 @@ def run_chat(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     label = f"{model}" + (f" + {args.adapter}" if args.adapter else "")
     print(f"danlu chat — {label}\n{HELP}", flush=True)
+    try:
+        return _converse(engine, settings, args)
+    finally:
+        engine.shutdown()  # no decoding thread left running while Python exits
+
+
+def _converse(engine: Any, settings: Any, args: argparse.Namespace) -> int:
+    """The prompt loop. Ctrl-C during a reply stops it and keeps what was said; at the prompt it quits."""
     sides = [("base", False), ("tuned", True)] if args.compare else [("assistant", True)]
     system = args.system
     histories: dict[str, list[dict]] = {name: [] for name, _ in sides}
     while True:
         try:
             line = input("\nyou> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             print()
             return 0
         text = line.strip()
@@ -62,16 +73,30 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         for name, use_adapter in sides:
             history = histories[name]
-            history.append({"role": "user", "content": text})
-            messages = ([{"role": "system", "content": system}] if system else []) + history
+            messages = [{"role": "system", "content": system}] if system else []
+            messages += [*history, {"role": "user", "content": text}]
             sys.stdout.write(f"{name}> ")
-            pieces = []
-            for piece in engine.stream(messages, settings, use_adapter=use_adapter):
-                pieces.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            pieces: list[str] = []
+            try:
+                for piece in engine.stream(messages, settings, use_adapter=use_adapter):
+                    pieces.append(piece)
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except UserError as e:  # the template refused the conversation, or it outgrew the context
+                print(f"error: {e}")
+                break
+            except KeyboardInterrupt:  # stop this reply, keep the conversation (and skip other sides)
+                print(" [stopped]")
+                history += [
+                    {"role": "user", "content": text},
+                    {"role": "assistant", "content": "".join(pieces).strip()},
+                ]
+                break
             sys.stdout.write("\n")
-            history.append({"role": "assistant", "content": "".join(pieces).strip()})
+            history += [
+                {"role": "user", "content": text},
+                {"role": "assistant", "content": "".join(pieces).strip()},
+            ]
 
 
 def add_parser(sub: Any) -> None:

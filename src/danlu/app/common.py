@@ -61,14 +61,24 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def add_generation_flags(p: argparse.ArgumentParser) -> None:
-    """Sampling flags of the verbs that generate (chat, serve, web)."""
+def add_generation_flags(p: argparse.ArgumentParser, api: bool = False) -> None:
+    """Sampling flags of the verbs that generate (chat, serve, web).
+
+    ``api``: OpenAI's defaults (temperature 1, top-p 1, no top-k, no repetition penalty), for
+    `danlu serve`, whose clients expect them; ``--max-new-tokens`` is then also the most a
+    request may ask for.
+    """
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
-    g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--repetition-penalty", type=float, default=1.1)
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=1024 if api else 256,
+        help="the most a request gets, and its default" if api else None,
+    )
+    g.add_argument("--temperature", type=float, default=1.0 if api else 0.7, help="0 for greedy decoding")
+    g.add_argument("--top-p", type=float, default=1.0 if api else 0.9)
+    g.add_argument("--top-k", type=int, default=0 if api else 50, help="0: off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0 if api else 1.1, help="1: off")
     g.add_argument("--seed", type=int, default=None)
 
 

@@ -1,15 +1,17 @@
 """`danlu web`: a Gradio chat page over :class:`danlu.infer.Engine`.
 
-Streamed replies, multi-turn history, a system-prompt box, sampling sliders, and the loaded
-model and adapter named at the top. Binds 127.0.0.1 and stays off Gradio's share tunnel
-unless ``--share`` is given. gradio is imported inside functions so ``danlu --help`` works
-without the ``web`` extra.
+Streamed replies with Send and Stop, multi-turn history, a system-prompt box, sampling sliders
+(values clamped to what generation takes), and the loaded model and adapter named at the top.
+With an adapter: a picker (adapter or bare base) and a Compare tab answering with both side by
+side. A request the model refuses (e.g. its template takes no system prompt) shows as one line.
+Binds 127.0.0.1 and stays off Gradio's share tunnel unless ``--share`` is given. gradio is
+imported inside functions so ``danlu --help`` works without the ``web`` extra.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,18 +57,72 @@ def to_messages(message: str, history: list[dict], system: str) -> list[dict]:
     return messages
 
 
+def clamped(defaults: GenerationSettings, temperature: Any, top_p: Any, max_new: Any) -> GenerationSettings:
+    """The sliders' values as generation takes them: floats, within range (a slider may send an int)."""
+    return replace(
+        defaults,
+        temperature=min(2.0, max(0.0, float(temperature))),
+        top_p=min(1.0, max(0.05, float(top_p))),
+        max_new_tokens=min(8192, max(1, int(max_new))),
+    )
+
+
+BASE, TUNED = "base model", "adapter"
+
+
 def build_demo(engine: Engine, defaults: GenerationSettings, label: str) -> Any:
-    """The Gradio app: a ChatInterface with the system prompt and sliders as extra inputs."""
+    """The Gradio app: a chat tab (ChatInterface, Send and Stop) and, with an adapter, a compare tab."""
     import gradio as gr
 
-    def respond(
-        message: str, history: list[dict], system: str, temperature: float, top_p: float, max_new: int
-    ) -> Iterator[str]:
-        settings = replace(defaults, temperature=temperature, top_p=top_p, max_new_tokens=int(max_new))
+    from danlu.errors import UserError
+    from danlu.infer import merged
+
+    def start(messages: list[dict], settings: GenerationSettings, use_adapter: bool) -> Any:
+        try:
+            return engine.start(messages, settings, use_adapter)
+        except UserError as e:  # shown as a one-line message on the page
+            raise gr.Error(str(e)) from None
+
+    async def respond(
+        message: str,
+        history: list[dict],
+        system: str,
+        temperature: float,
+        top_p: float,
+        max_new: int,
+        which: str = TUNED,
+    ) -> AsyncIterator[str]:
+        settings = clamped(defaults, temperature, top_p, max_new)
+        gen = start(to_messages(message, history, system), settings, which != BASE)
         text = ""
-        for piece in engine.stream(to_messages(message, history, system), settings):
-            text += piece
+        async for delta in gen.deltas_async():  # Stop cancels this: the reply stops at the next token
+            text += delta.text
             yield text
+
+    async def compare(
+        message: str, base: list, tuned: list, system: str, temperature: float, top_p: float, max_new: int
+    ) -> AsyncIterator[tuple[str, list, list]]:
+        if not message.strip():
+            yield message, base, tuned
+            return
+        settings = clamped(defaults, temperature, top_p, max_new)
+        gens: list = []
+        try:
+            for history, side in ((base, False), (tuned, True)):
+                gens.append(start(to_messages(message, history, system), settings, side))
+        except gr.Error:
+            for g in gens:
+                g.stop()
+            raise
+        sides = [
+            [*h, {"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+            for h in (base, tuned)
+        ]
+        yield "", sides[0], sides[1]
+        async for i, delta in merged(gens):  # both decoded together, each streamed into its column
+            if delta is not None and delta.text:
+                sides[i][-1] = {"role": "assistant", "content": sides[i][-1]["content"] + delta.text}
+                yield "", sides[0], sides[1]
 
     with gr.Blocks(title="丹炉 danlu", analytics_enabled=False) as demo:
         gr.Markdown(f"## danlu chat\n**model:** `{label}`")
@@ -79,15 +135,39 @@ def build_demo(engine: Engine, defaults: GenerationSettings, label: str) -> Any:
             )
             top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p")
             max_new = gr.Slider(1, 2048, value=defaults.max_new_tokens, step=1, label="Max new tokens")
-        gr.ChatInterface(
-            respond,
-            chatbot=gr.Chatbot(label="Chat", height=420),
-            textbox=gr.Textbox(
-                placeholder="Type a message and press Enter", show_label=False, elem_id="message"
-            ),
-            additional_inputs=[system, temperature, top_p, max_new],
-            fill_height=False,
-        )
+        extra = [system, temperature, top_p, max_new]
+        with gr.Tab("Chat"):
+            if engine.has_adapter:
+                extra.append(gr.Radio([TUNED, BASE], value=TUNED, label="Answer with", elem_id="which"))
+            gr.ChatInterface(
+                respond,
+                chatbot=gr.Chatbot(label="Chat", height=420),
+                textbox=gr.Textbox(
+                    placeholder="Type a message and press Enter",
+                    show_label=False,
+                    elem_id="message",
+                    submit_btn="Send",
+                    stop_btn="Stop",
+                ),
+                additional_inputs=extra,
+                fill_height=False,
+            )
+        if engine.has_adapter:
+            with gr.Tab("Compare base and adapter"):
+                with gr.Row():
+                    base = gr.Chatbot(label="base model", height=380, elem_id="base")
+                    tuned = gr.Chatbot(label="with the adapter", height=380, elem_id="tuned")
+                box = gr.Textbox(
+                    placeholder="Ask both and press Enter", show_label=False, elem_id="compare-message"
+                )
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="compare-send")
+                    stop = gr.Button("Stop", elem_id="compare-stop")
+                    clear = gr.Button("Clear", elem_id="compare-clear")
+                args = ([box, base, tuned, system, temperature, top_p, max_new], [box, base, tuned])
+                asked = [send.click(compare, *args), box.submit(compare, *args)]
+                stop.click(None, cancels=asked)
+                clear.click(lambda: ("", [], []), None, [box, base, tuned], cancels=asked)
     return demo
 
 
@@ -109,14 +189,17 @@ def run_web(args: argparse.Namespace) -> int:
     demo = build_demo(engine, settings_from(args), label)
     print(f"danlu web — {label}\nopen http://{args.host}:{args.port} in a browser (Ctrl-C stops)", flush=True)
     theme = gr.themes.Default(font=FONTS, font_mono=MONO)
-    demo.launch(
-        server_name=args.host,
-        server_port=args.port,
-        share=args.share,
-        quiet=not args.share,  # with --share, gradio prints the public link
-        theme=theme,
-        footer_links=[],
-    )
+    try:
+        demo.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=args.share,
+            quiet=not args.share,  # with --share, gradio prints the public link
+            theme=theme,
+            footer_links=[],
+        )
+    finally:
+        engine.shutdown()  # no decoding thread left running while Python exits
     return 0
 
 

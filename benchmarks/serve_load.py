@@ -1,0 +1,211 @@
+"""Load on `danlu serve`: concurrent streamed clients (the official `openai` client) on 127.0.0.1.
+
+For each source tree given (``--tree NAME=SRC``: e.g. the commit before batching, extracted with
+``git archive``, and this checkout), starts ``python -m danlu serve`` from it on a free local
+port, warms it up, then runs each concurrency level: every client sends ``--rounds`` streamed
+chat requests one after another (``max_tokens`` 32 by default, the same sampling for every tree).
+Reports aggregate completion tokens/s (usage from the stream), time to first token and latency
+(p50, p95), errors, and the load average around each run (a busy machine shows there).
+
+    python benchmarks/serve_load.py --tree before=/tmp/danlu_before/src --tree after=src \\
+        --out benchmarks/results/serve_load_cpu.json
+
+Bounded: at most ``max(--concurrency) * --rounds`` (or ``--min-requests``) requests per level, each
+with a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+TOPICS = ["a lighthouse", "the sea", "a red fox", "an old clock", "winter", "a library", "the moon", "bread"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(src: str, model: str, port: int, precision: str, cpus: set[int] | None) -> subprocess.Popen:
+    path = os.pathsep.join(p for p in (str(Path(src).resolve()), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+    if cpus:
+        env["OMP_NUM_THREADS"] = str(len(cpus))
+    cmd = [sys.executable, "-m", "danlu", "serve", "--model", model, "--port", str(port)]
+    cmd += ["--precision", precision]
+    log = open(f"{tempfile.gettempdir()}/serve_load_{port}.log", "w")  # noqa: SIM115 - the server's lifetime
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=pin)
+    import httpx
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server from {src} exited: {Path(log.name).read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"server from {src} did not start")
+
+
+def one_request(client, model: str, i: int, max_tokens: int) -> dict:
+    sent = time.perf_counter()
+    first = None
+    tokens = 0
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": f"Write a long story about {TOPICS[i % len(TOPICS)]}."}],
+        max_tokens=max_tokens,
+        temperature=0.7,
+        top_p=0.9,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"top_k": 50, "repetition_penalty": 1.0},
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content and first is None:
+            first = time.perf_counter()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    done = time.perf_counter()
+    return {"ttft": (first or done) - sent, "latency": done - sent, "tokens": tokens}
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))], 3) if values else float("nan")
+
+
+def level(base: str, model: str, clients: int, rounds: int, max_tokens: int, timeout: float) -> dict:
+    import openai
+
+    results: list[dict] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def client_loop(c: int) -> None:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=timeout)
+        for r in range(rounds):
+            try:
+                out = one_request(client, model, c * rounds + r, max_tokens)
+            except Exception as e:  # noqa: BLE001 - counted, not fatal
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}"[:200])
+                continue
+            with lock:
+                results.append(out)
+
+    load = os.getloadavg()[0]
+    began = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    tokens = sum(r["tokens"] for r in results)
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "completion_tokens": tokens,
+        "wall_s": round(wall, 2),
+        "tokens_per_s": round(tokens / wall, 1),
+        "ttft_p50_s": pct([r["ttft"] for r in results], 0.5),
+        "ttft_p95_s": pct([r["ttft"] for r in results], 0.95),
+        "latency_p50_s": pct([r["latency"] for r in results], 0.5),
+        "latency_p95_s": pct([r["latency"] for r in results], 0.95),
+        "load_avg_1m_before": round(load, 2),
+        "load_avg_1m_after": round(os.getloadavg()[0], 2),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tree", action="append", required=True, metavar="NAME=SRC", help="a danlu source tree")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--concurrency", default="1,4,8,16,32")
+    p.add_argument("--rounds", type=int, default=1, help="requests per client, one after another")
+    p.add_argument("--min-requests", type=int, default=8, help="more rounds at low concurrency, to this many")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per request")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--note", default="", help="what the trees and the model are, for the record")
+    p.add_argument(
+        "--server-cpus",
+        default=None,
+        help="pin the servers to these cores (e.g. 0,1) and the clients to the rest",
+    )
+    args = p.parse_args()
+    cpus = {int(c) for c in args.server_cpus.split(",")} if args.server_cpus else None
+    if cpus:
+        os.sched_setaffinity(0, set(os.sched_getaffinity(0)) - cpus or cpus)
+    levels = [int(x) for x in args.concurrency.split(",")]
+    report: dict = {
+        "benchmark": "serve_load",
+        "note": args.note,
+        "model": args.model,
+        "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
+        "min_requests": args.min_requests,
+        "precision": args.precision,
+        "sampling": "temperature 0.7, top_p 0.9, top_k 50, repetition_penalty 1.0 (in every request)",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "runs": {},
+    }
+    servers = {}
+    try:
+        for spec in args.tree:  # all up at once; each level then runs every tree in turn (same load)
+            name, _, src = spec.partition("=")
+            port = free_port()
+            servers[name] = (
+                src,
+                start(src, args.model, port, args.precision, cpus),
+                f"http://127.0.0.1:{port}",
+            )
+            level(servers[name][2], args.model, 1, 1, 4, args.timeout)  # warm-up
+            report["runs"][name] = {"source": src, "levels": []}
+        for clients in levels:
+            rounds = max(args.rounds, -(-args.min_requests // clients))
+            for name, (_, _, base) in servers.items():
+                row = level(base, args.model, clients, rounds, args.max_tokens, args.timeout)
+                print(
+                    f"{name:>8} {clients:>3} clients: {row['tokens_per_s']:6.1f} tokens/s, "
+                    f"TTFT p95 {row['ttft_p95_s']:6.2f} s, errors {row['errors']}, "
+                    f"load {row['load_avg_1m_before']}",
+                    flush=True,
+                )
+                report["runs"][name]["levels"].append(row)
+                if args.out:  # kept as it grows: a long run leaves what it measured
+                    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    finally:
+        for _, proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(30)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
