@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from danlu.app import chat, server, web
+from danlu.app import board, chat, server, web
 from danlu.app.bench_cli import add_bench_parser
 from danlu.app.common import quiet_libraries
 from danlu.app.data_cli import add_data_parser
@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)  # merge, export gguf
     server.add_parser(sub)
     web.add_parser(sub)
+    board.add_parser(sub)
     add_bench_parser(sub)
     return parser
 
