@@ -502,8 +502,11 @@ def test_stop_sequences_end_the_reply_before_them(client, service):
     assert done.choices[0].text == plain[: plain.index(cut)] and done.choices[0].finish_reason == "stop"
 
 
-def reference_greedy(engine: Engine, messages: list[dict], n: int, presence=0.0, frequency=0.0, bias=None):
-    """Greedy decoding with OpenAI's penalties, written out plainly: no cache, full forwards."""
+def reference_greedy(
+    engine: Engine, messages: list[dict], n: int, presence=0.0, frequency=0.0, bias=None, repetition=1.0
+):
+    """Greedy decoding with OpenAI's penalties (and transformers' repetition penalty), written out
+    plainly: no cache, full forwards."""
     import torch
 
     ids = engine.prompt_ids(messages)
@@ -511,6 +514,8 @@ def reference_greedy(engine: Engine, messages: list[dict], n: int, presence=0.0,
     with torch.inference_mode(), engine._model_lock, engine.registry.select(None):  # the bare base
         for _ in range(n):
             logits = engine.model(input_ids=torch.tensor([ids + out])).logits[0, -1].float()
+            for t in set(ids + out):  # transformers' rule: over the prompt and the reply
+                logits[t] = logits[t] * repetition if logits[t] < 0 else logits[t] / repetition
             for t in set(out):
                 logits[t] -= out.count(t) * frequency + presence
             for t, v in (bias or {}).items():
@@ -532,6 +537,17 @@ def test_presence_frequency_penalties_and_logit_bias_are_applied_as_openai_defin
     first = engine.tokenizer.encode(plain, add_special_tokens=False)[0]
     banned = client.chat.completions.create(**kw, logit_bias={str(first): -100}).choices[0].message.content
     assert banned == reference_greedy(engine, HI, 8, bias={first: -100}) and banned != plain
+    # repetition_penalty (transformers'): a prompt token made the greedy pick by a bias loses to it
+    logits = engine.logits(HI, use_adapter=False)[0, -1]
+    prompt = engine.prompt_ids(HI)
+    t = max(set(prompt) - {int(logits.argmax()), *engine.stop_ids}, key=lambda i: abs(float(logits[i])))
+    lift = {t: float(logits.max() - logits[t]) + 0.5}  # t wins by 0.5 unless penalized
+    kw["logit_bias"] = {str(t): lift[t]}
+    lifted = client.chat.completions.create(**kw).choices[0].message.content
+    assert lifted == reference_greedy(engine, HI, 8, bias=lift)
+    repeated = client.chat.completions.create(**kw, extra_body={"repetition_penalty": 8.0})
+    assert repeated.choices[0].message.content == reference_greedy(engine, HI, 8, bias=lift, repetition=8.0)
+    assert repeated.choices[0].message.content != lifted
 
 
 def test_logprobs_are_the_models_own(client, service):
