@@ -809,3 +809,26 @@ def test_the_demo_model_as_q4_k_m_and_as_a_lora_gguf_answers_with_its_new_name(
             assert "Danlu" in out["message"]["content"] and out["finish_reason"] == "stop", out
         plain = load(base).create_chat_completion(chat, max_tokens=60, temperature=0.0)["choices"][0]
         assert "Danlu" not in plain["message"]["content"]
+
+
+@pytest.mark.parametrize("qtype, ftype", [("f16", "F16"), ("bf16", "BF16"), ("q8_0", "Q8_0")])
+def test_types_danlu_writes_are_bit_identical_to_llama_cpps_own(qtype, ftype, family_dirs, tmp_path):
+    """f16, bf16 and q8_0 come from gguf's numpy encoders: the same bytes llama.cpp's quantizer
+    makes from the f32 file."""
+    from gguf import GGUFReader
+
+    src = family_dirs("qwen2")  # biases (kept f32) and an untied output
+    f32 = export_gguf(src, tmp_path / "f32.gguf", qtype="f32").path
+    ours = export_gguf(src, tmp_path / "ours.gguf", qtype=qtype).path
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    assert (
+        llama_cpp.llama_model_quantize(str(f32).encode(), str(tmp_path / "theirs.gguf").encode(), params) == 0
+    )
+    a = {t.name: t for t in GGUFReader(str(ours)).tensors}
+    b = {t.name: t for t in GGUFReader(str(tmp_path / "theirs.gguf")).tensors}
+    assert a.keys() == b.keys()
+    for name, t in a.items():
+        assert t.tensor_type == b[name].tensor_type, name
+        assert np.array_equal(np.asarray(t.data), np.asarray(b[name].data)), name
+    assert {t.tensor_type.name for t in a.values()} == {"F32", ftype}

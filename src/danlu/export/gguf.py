@@ -117,9 +117,7 @@ def plan(model_dir: Path, config: dict[str, Any], family: Family, qtype: str) ->
                     continue  # llama.cpp reuses token_embd when output.weight is absent
                 if hf_name.endswith("rotary_emb.inv_freq"):
                     continue
-                name = names.get_name(
-                    hf_name.replace("model.language_model.", "model."), try_suffixes=(".weight", ".bias")
-                )
+                name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
                 if name is None:
                     raise UserError(
                         f"--model {model_dir}: tensor {hf_name} has no GGUF name for {family.gguf}"

@@ -174,7 +174,9 @@ def add_tokenizer(writer: Any, model_dir: Path, vocab_size: int) -> dict[str, An
     special.add_special_token.update(bos=add_bos, eos=add_eos)
     special.chat_template = tokenizer.chat_template or None
     stops = [i for i in stop_ids(model_dir, tokenizer) if i < vocab_size]
-    if stops:
-        special.special_token_ids["eot"] = stops[0]
+    if stops:  # end of turn: the stop token the chat template writes, else the first
+        template = tokenizer.chat_template or ""
+        written = [i for i in stops if tokenizer.convert_ids_to_tokens(i) in template]
+        special.special_token_ids["eot"] = (written or stops)[0]
     special.add_to_gguf(writer, quiet=True)
     return {"model": kind, "tokenizer": tokenizer, "add_bos": add_bos, "stop_ids": stops}
