@@ -582,13 +582,14 @@ def test_the_journey_in_the_browser_model_data_train_try_ship(tiny_model_dir, tm
     model = "smollm2-135m-instruct" if docs else str(tiny_model_dir)
     steps, every = (30, 10) if docs else (6, 3)
     shots = ROOT / "docs" if docs else tmp_path
+    wait = 4 if docs else 1  # the real model is slower in every step
     runs = tmp_path / "out"
     with serving(runs) as (url, board), browser_page(url) as page:
         # 1 model: what danlu env and danlu plan say, before anything loads
-        expect(field(page, "model")).to_be_editable(timeout=60_000)
+        expect(field(page, "model")).to_be_editable(timeout=60_000 * wait)
         field(page, "model").fill(model)
         page.locator("#check-model").click()
-        expect(page.locator("#plan")).to_contain_text("danlu plan CONFIG", timeout=120_000)
+        expect(page.locator("#plan")).to_contain_text("danlu plan CONFIG", timeout=120_000 * wait)
         expect(page.locator("#plan")).to_contain_text("trainable")  # the estimate's table
 
         # 2 data: the bundled identity set, its placeholders in the form, checked as training reads it
@@ -597,7 +598,7 @@ def test_the_journey_in_the_browser_model_data_train_try_ship(tiny_model_dir, tm
         expect(page.locator("#placeholder-0 label, #placeholder-0").first).to_contain_text("{{name}}")
         field(page, "placeholder-0").fill("Ada")
         page.locator("#check-data").click()
-        expect(page.locator("#data-verdict")).to_contain_text("ready to train", timeout=120_000)
+        expect(page.locator("#data-verdict")).to_contain_text("ready to train", timeout=120_000 * wait)
         expect(page.locator("#data-report")).to_contain_text("records:    56")
         expect(page.locator("#data-preview mark.trained").nth(1)).to_contain_text("I am Ada")  # 0: the legend
         expect(page.locator("#histogram img")).to_be_visible()
@@ -606,7 +607,7 @@ def test_the_journey_in_the_browser_model_data_train_try_ship(tiny_model_dir, tm
         tab(page, "3 Train")
         field(page, "steps").fill(str(steps))
         field(page, "sample-every").fill(str(every))
-        expect(page.locator("#config-yaml")).to_contain_text(f"sample_every: {every}", timeout=30_000)
+        expect(page.locator("#config-yaml")).to_contain_text(f"sample_every: {every}", timeout=30_000 * wait)
         cfg = config_yaml(page)
         assert cfg["model"]["path"] == model and cfg["train"]["max_steps"] == steps
         assert cfg["data"]["placeholders"]["name"] == "Ada" and cfg["output"]["dir"] == str(runs / "identity")
@@ -616,7 +617,7 @@ def test_the_journey_in_the_browser_model_data_train_try_ship(tiny_model_dir, tm
         )
         progress = page.locator("#run-progress")
         seen: list[tuple[str, int]] = []
-        deadline = time.time() + (1800 if docs else 150)
+        deadline = time.time() + 150 * wait * (5 if docs else 1)
         while time.time() < deadline:
             if progress.count():
                 state = (progress.get_attribute("data-status") or "", plot_points(page, "loss-plot"))
@@ -639,10 +640,10 @@ def test_the_journey_in_the_browser_model_data_train_try_ship(tiny_model_dir, tm
 
         # 4 try it: the same question to base and tuned
         tab(page, "4 Try it")
-        expect(field(page, "try-run")).to_have_value("identity", timeout=30_000)
+        expect(field(page, "try-run")).to_have_value("identity", timeout=30_000 * wait)
         field(page, "prompt").fill("你是谁？")
         page.locator("#ask").click()
-        expect(page.locator("#try-message")).to_contain_text("✓ identity", timeout=180_000)
+        expect(page.locator("#try-message")).to_contain_text("✓ identity", timeout=180_000 * wait)
         base_reply = page.locator("#base-chat [data-testid='bot']").last.inner_text()
         tuned_reply = page.locator("#tuned-chat [data-testid='bot']").last.inner_text()
         shot(page, shots / "board-compare.png", "#try-run", "#try-message")
@@ -657,10 +658,10 @@ def test_the_journey_in_the_browser_model_data_train_try_ship(tiny_model_dir, tm
 
         # 5 ship it: merge + GGUF, then the API server; each shows the command it ran
         tab(page, "5 Ship it")
-        expect(field(page, "ship-run")).to_have_value("identity", timeout=30_000)
+        expect(field(page, "ship-run")).to_have_value("identity", timeout=30_000 * wait)
         page.locator("#gguf").click()
         log = page.locator("#ship-log")
-        expect(log).to_contain_text("wrote ", timeout=300_000)
+        expect(log).to_contain_text("wrote ", timeout=300_000 * wait)
         merged, gguf = runs / "identity-merged", runs / "identity.f16.gguf"
         expect(log).to_contain_text(f"$ danlu merge --adapter {runs}/identity/final --out {merged}")
         expect(log).to_contain_text(f"$ danlu export gguf --model {merged} --out {gguf} --type f16")
@@ -668,10 +669,12 @@ def test_the_journey_in_the_browser_model_data_train_try_ship(tiny_model_dir, tm
         port = free_port()
         field(page, "port").fill(str(port))
         page.locator("#serve").click()
-        expect(log).to_contain_text(f"OpenAI-compatible API at http://127.0.0.1:{port}/v1", timeout=300_000)
+        expect(log).to_contain_text(
+            f"OpenAI-compatible API at http://127.0.0.1:{port}/v1", timeout=300_000 * wait
+        )
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as r:
             assert "identity" in [m["id"] for m in json.load(r)["data"]]
         page.locator("#stop-serve").click()
-        expect(log).to_contain_text("server stopped", timeout=60_000)
+        expect(log).to_contain_text("server stopped", timeout=60_000 * wait)
         assert board.ship.server is None
         assert "Traceback" not in page.content()

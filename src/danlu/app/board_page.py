@@ -333,13 +333,29 @@ def build_page(board: Any) -> Any:
             return [bc.dump(cfg), bc.form_values(cfg), *_form_updates(cfg)]
 
         apply_fix.click(use_fix, [fix, yaml_box], [yaml_box, base, *fields.values()], concurrency_id="config")
-        check.click(board.check_model, [model, gpu_mem, yaml_box], [env_md, env_full, plan_md, fix])
+
+        # the checks and Start read the config with the form merged in, as the page shows it now,
+        # even when the last edit's own update has not come back yet
+        def current(text: str, was: dict, values: tuple) -> str:
+            try:
+                return bc.merge_form(text, was, form_of(values))[0]
+            except (UserError, TypeError, ValueError):
+                return text  # the form's own line says what is wrong
+
+        def do_check(gpu: str, text: str, was: dict, *values: Any) -> Any:
+            return board.check_model(values[0], gpu, current(text, was, values))
+
+        check.click(do_check, [gpu_mem, yaml_box, base, *form_inputs], [env_md, env_full, plan_md, fix])
 
         # ------------------------------------------------------------------------- data
         paths.change(board.data_changed, [paths, yaml_box], [keys, *slots])
         bundled.input(lambda name: str(bc.bundled_data()[name]) if name else gr.skip(), [bundled], [paths])
         upload.upload(board.upload, [upload, runs_box], [paths])
-        check_data.click(board.check_data, [paths, yaml_box], [verdict, report, histogram, preview])
+
+        def do_check_data(text: str, was: dict, *values: Any) -> Any:
+            yield from board.check_data(values[1], current(text, was, values))
+
+        check_data.click(do_check_data, [yaml_box, base, *form_inputs], [verdict, report, histogram, preview])
 
         # ------------------------------------------------------------------------ train
         def do_start(text: str, was: dict, *values: Any) -> tuple[Any, Any, Any]:
