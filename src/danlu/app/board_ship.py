@@ -13,19 +13,8 @@ from typing import Any
 from danlu.app import board_config as bc
 from danlu.app import board_runs as br
 from danlu.app.board_view import L
-from danlu.app.common import port_free
+from danlu.app.common import content_text, port_free
 from danlu.errors import UserError
-
-
-def _text(content: Any) -> str:
-    """Chat history content (a string, or a list of content parts) as plain text."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return str(content.get("text", ""))
-    if isinstance(content, list | tuple):
-        return "".join(_text(part) for part in content)
-    return ""
 
 
 class Ship:
@@ -230,8 +219,8 @@ def add_tabs(ship: Ship, runs_box: Any) -> None:
     def compare(
         runs_text: str, name: str | None, text: str, base: list, tuned: list, n: int, t: float
     ) -> Any:
-        base = [{"role": m["role"], "content": _text(m["content"])} for m in base or []]
-        tuned = [{"role": m["role"], "content": _text(m["content"])} for m in tuned or []]
+        base = [{"role": m["role"], "content": content_text(m["content"])} for m in base or []]
+        tuned = [{"role": m["role"], "content": content_text(m["content"])} for m in tuned or []]
         yield from ship.compare(runs_text, name, text, base, tuned, n, t)
 
     ask_in = [runs_box, try_run, prompt, base_chat, tuned_chat, max_new, temperature]

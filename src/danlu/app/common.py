@@ -1,5 +1,5 @@
 """What the ``danlu`` verbs share: loading and sampling flags, the base of an adapter and whether
-its run trusted the model's own code, a free port, and a quiet console. Every verb module may
+its run trusted the model's own code, chat content as text, a free port, and a quiet console. Every verb module may
 import this one; it imports no verb.
 
 Kept light on purpose: importing it (as ``danlu --help`` does through every verb's parser)
@@ -189,6 +189,17 @@ def trust_remote_code(args: argparse.Namespace, model: str, adapter: str | Path 
     if not section or not section.get("trust_remote_code"):
         return False
     return _same_model(model, str(section.get("path") or ""))
+
+
+def content_text(content: Any) -> str:
+    """Chat history content as Gradio keeps it (a string, a content part, or a list of them) as plain text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, list | tuple):
+        return "".join(content_text(part) for part in content)
+    return ""
 
 
 def port_free(host: str, port: int) -> bool:

@@ -20,6 +20,7 @@ from danlu.app.common import (
     add_generation_flags,
     add_loading_flags,
     add_model_flags,
+    content_text,
     loading_options,
     model_for,
     port_free,
@@ -36,23 +37,12 @@ FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 MONO = ["ui-monospace", "monospace"]
 
 
-def _text(content: Any) -> str:
-    """Gradio history content (a string, or a list of content parts) as plain text."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return str(content.get("text", ""))
-    if isinstance(content, list | tuple):
-        return "".join(_text(part) for part in content)
-    return ""
-
-
 def to_messages(message: str, history: list[dict], system: str) -> list[dict]:
     """The conversation as the engine takes it: optional system prompt, past turns, new message."""
     messages = [{"role": "system", "content": system.strip()}] if system.strip() else []
     for turn in history:
         if turn.get("role") in ("user", "assistant"):
-            messages.append({"role": turn["role"], "content": _text(turn.get("content"))})
+            messages.append({"role": turn["role"], "content": content_text(turn.get("content"))})
     messages.append({"role": "user", "content": message})
     return messages
 
