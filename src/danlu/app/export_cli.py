@@ -27,6 +27,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
         trust_remote_code=trust_remote_code(args, base, args.adapter),
+        base_precision=args.base_precision,
     )
     trust = " --trust-remote-code" if result.custom_code else ""
     shards = [f for f in result.files if f.endswith(".safetensors")]
@@ -88,6 +89,20 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter_flags(p: argparse.ArgumentParser) -> None:
+    """``--adapter`` and ``--model`` of the verbs that start from an adapter (merge, export lora)."""
+    p.add_argument("--adapter", required=True, help="LoRA adapter folder, e.g. out/identity/final")
+    p.add_argument("--model", default=None, help="base model (default: the base the adapter was trained on)")
+
+
+def _gguf_flags(p: argparse.ArgumentParser, example: str, qtype: str) -> None:
+    """The flags of the verbs that write a model as GGUF (export gguf, export ollama)."""
+    p.add_argument("--model", required=True, help="model folder with config.json and safetensors")
+    p.add_argument("--out", required=True, help=f"output GGUF file, e.g. {example}")
+    p.add_argument("--type", default=qtype, choices=GGUF_TYPES, help=f"weight type (default {qtype})")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files at --out")
+
+
 def add_export_parser(sub: Any) -> None:
     """Register ``merge`` and ``export`` on the top-level subparsers."""
     p = sub.add_parser(
@@ -97,14 +112,20 @@ def add_export_parser(sub: Any) -> None:
         "model's logits match base + adapter, and write sharded safetensors, the tokenizer with its "
         "chat template, generation_config.json and a model card.",
     )
-    p.add_argument("--adapter", required=True, help="LoRA adapter folder, e.g. out/identity/final")
-    p.add_argument("--model", default=None, help="base model (default: the base the adapter was trained on)")
+    _adapter_flags(p)
     p.add_argument("--out", required=True, help="output folder for the merged model")
     p.add_argument(
         "--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="weight dtype (default: the base's)"
     )
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to merge")
+    p.add_argument(
+        "--base-precision",
+        default="original",
+        choices=["original", "dequantized"],
+        help="QLoRA adapters: merge into the base's original weights (default) or into the 4-bit weights "
+        "it trained on, dequantized (what was trained); the merge prints how far each is from both",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a model folder already at --out")
     add_trust_flag(p)
     p.set_defaults(func=cmd_merge)
@@ -119,10 +140,7 @@ def add_export_parser(sub: Any) -> None:
         "Qwen3, Phi-3, Gemma-2, Gemma-3 (text). f32/f16/bf16/q8_0 are written by danlu; q6_k, q5_k_m, "
         "q4_k_m by llama.cpp's own quantizer (pip install 'danlu[llama-cpp]').",
     )
-    g.add_argument("--model", required=True, help="model folder with config.json and safetensors")
-    g.add_argument("--out", required=True, help="output file, e.g. model.gguf")
-    g.add_argument("--type", default="f16", choices=GGUF_TYPES, help="weight type (default f16)")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _gguf_flags(g, "model.gguf", "f16")
     g.set_defaults(func=cmd_export_gguf)
 
     o = esub.add_parser(
@@ -132,10 +150,7 @@ def add_export_parser(sub: Any) -> None:
         "chat template the run trained with (checked to render the same text), PARAMETER stop for every "
         "stop token, and the sampling defaults of generation_config.json. Then: ollama create NAME -f it.",
     )
-    o.add_argument("--model", required=True, help="model folder with config.json and safetensors")
-    o.add_argument("--out", required=True, help="output GGUF file, e.g. ship/model.gguf")
-    o.add_argument("--type", default="q8_0", choices=GGUF_TYPES, help="weight type (default q8_0)")
-    o.add_argument("--overwrite", action="store_true", help="replace existing files")
+    _gguf_flags(o, "ship/model.gguf", "q8_0")
     o.set_defaults(func=cmd_export_ollama)
 
     lo = esub.add_parser(
@@ -144,8 +159,7 @@ def add_export_parser(sub: Any) -> None:
         description="Convert a LoRA adapter folder (OUTPUT/final of a run) into a GGUF adapter that llama.cpp "
         "applies to the base model's GGUF (llama-cli -m base.gguf --lora adapter.gguf).",
     )
-    lo.add_argument("--adapter", required=True, help="LoRA adapter folder, e.g. out/identity/final")
-    lo.add_argument("--model", default=None, help="base model (default: the base the adapter was trained on)")
+    _adapter_flags(lo)
     lo.add_argument("--out", required=True, help="output file, e.g. adapter.gguf")
-    lo.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    lo.add_argument("--overwrite", action="store_true", help="replace existing files at --out")
     lo.set_defaults(func=cmd_export_lora)

@@ -3,7 +3,11 @@
 The recipe: load the base unquantized → attach the adapter → take reference logits on a few
 rendered chats → ``merge_and_unload()`` in place → compare logits → write shards, tokenizer
 (with the chat template the run trained with), generation config and a model card into a temp
-folder → ``os.replace`` it onto ``--out``. Only one copy of the weights is ever in memory.
+folder → ``os.replace`` it onto ``--out``. Only one 16-bit copy of the weights is ever in memory.
+
+A QLoRA adapter (the run trained on a 4-bit base) is also run on that 4-bit base, to measure how
+far the merged model is from what was trained; ``base_precision="dequantized"`` merges it into
+the 4-bit weights dequantized instead of the original ones (see :mod:`danlu.export.merge_4bit`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,15 @@ import torch
 from danlu import model as mdl
 from danlu.config import CONFIG_FILENAME
 from danlu.errors import UserError
+from danlu.export.merge_4bit import (
+    Gap,
+    check_base_precision,
+    dequantize_into,
+    describe_gaps,
+    gap,
+    load_4bit,
+    trained_quantization,
+)
 from danlu.files import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -60,6 +73,10 @@ class MergeResult:
     files: list[str]
     prompts: str  # which conversations the parity check ran on, and how they were rendered
     custom_code: bool = False  # the folder carries the model's own code (auto_map): loading needs trust
+    base_precision: str = "original"  # which base weights the adapter went into (see merge_4bit)
+    quantized: str | None = None  # the 4-bit type the adapter trained on (QLoRA), else None
+    # QLoRA: the merged model against "trained" (4-bit base + adapter) and "original" (16-bit base + adapter)
+    gaps: dict[str, Gap] | None = None
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
@@ -177,22 +194,26 @@ def merge(
     device: str = "cpu",
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    base_precision: str = "original",
 ) -> MergeResult:
     """Merge the LoRA ``adapter`` into ``base`` and write a plain model folder at ``out``.
 
-    The base is always loaded unquantized in ``dtype`` (default: the base's own dtype). An
-    adapter trained with QLoRA therefore lands on the de-quantized 16-bit weights, never on
-    4-bit ones: merging into 4-bit weights would re-quantize the sum and lose most of the
-    adapter. The merge fails (:class:`UserError`, nothing written) when the merged logits
+    The base is always loaded unquantized in ``dtype`` (default: the base's own dtype), and the
+    merged weights stay in it: merging into 4-bit weights would re-quantize the sum and lose most
+    of the adapter. The merge fails (:class:`UserError`, nothing written) when the merged logits
     differ from base + adapter by more than :data:`TOLERANCE` for the dtype.
     ``trust_remote_code``: the base may run its own code (a custom architecture); otherwise a
     base that needs it is refused in one line, before any weights load.
+    ``base_precision``: for a QLoRA adapter, ``original`` merges into the base's own weights,
+    ``dequantized`` into its 4-bit weights as training saw them; both are measured and printed.
     """
     adapter, out = Path(adapter), Path(out).expanduser().resolve()
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"--adapter {adapter}: no adapter_config.json there; point it at OUTPUT/final")
     check_out_dir(out, overwrite)
     check_shard_size(max_shard_size)
+    quant = trained_quantization(adapter)
+    check_base_precision(base_precision, adapter, quant)
     ref = mdl.resolve(base)
     trust_remote_code = bool(trust_remote_code)  # never None: transformers would ask on the terminal
     dtype = dtype or base_dtype(ref, trust_remote_code)
@@ -213,9 +234,12 @@ def merge(
         base_model = mdl.load_model(ref, dtype, device, trust_remote_code)
     model = mdl.load_adapter(base_model, adapter).eval()
     prompts, used = render_prompts(tokenizer)
-    expected = prompt_logits(model, prompts)
+    original = prompt_logits(model, prompts)
     with model.disable_adapter():
-        effect = max_abs_diff(expected, prompt_logits(model, prompts))
+        effect = max_abs_diff(original, prompt_logits(model, prompts))
+    # QLoRA: what was trained (4-bit base + adapter); "dequantized" puts its weights into `model`
+    trained = trained_logits(model, ref, adapter, quant, base_precision, prompts, trust_remote_code)
+    expected = prompt_logits(model, prompts) if base_precision == "dequantized" else original
 
     # 3) merge in place (no second copy of the base) and check parity
     merged = model.merge_and_unload()
@@ -223,8 +247,9 @@ def merge(
     diff = max_abs_diff(expected, got)
     scale = max(1.0, max(t.abs().max().item() for t in expected))
     tolerance = TOLERANCE[dtype] * scale
+    what = f"dequantized {quant[0]} base" if base_precision == "dequantized" and quant else "base"
     print(
-        f"parity: max |merged - (base + adapter)| = {diff:.3g} (tolerance {tolerance:.3g}); "
+        f"parity: max |merged - ({what} + adapter)| = {diff:.3g} (tolerance {tolerance:.3g}); "
         f"the adapter itself moves logits by up to {effect:.3g}; on {used}"
     )
     if not diff <= tolerance:  # also catches NaN
@@ -232,6 +257,10 @@ def merge(
             f"merge parity check failed: merged logits differ from base + adapter by {diff:.3g} "
             f"> {tolerance:.3g}; nothing was written"
         )
+    gaps = None
+    if trained is not None:
+        gaps = {"trained": gap(got, trained), "original": gap(got, original)}
+        print(describe_gaps(quant[0], dtype, base_precision, gaps))
 
     # 4) write everything into a temp folder next to --out, then swap it in
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -251,11 +280,51 @@ def merge(
             tolerance=tolerance,
             prompts=used,
             custom_code=custom,
+            gaps=describe_gaps(quant[0], dtype, base_precision, gaps) if gaps else "",
         )
 
     atomic_dir(out, write)
     files = sorted(p.name for p in out.iterdir())
-    return MergeResult(out, dtype, diff, tolerance, effect, files, used, custom)
+    return MergeResult(
+        out, dtype, diff, tolerance, effect, files, used, custom, base_precision, quant and quant[0], gaps
+    )
+
+
+def trained_logits(
+    model: Any,
+    ref: str,
+    adapter: Path,
+    quant: tuple[str, bool] | None,
+    base_precision: str,
+    prompts: list[list[int]],
+    trust_remote_code: bool,
+) -> list[torch.Tensor] | None:
+    """Logits of the model the user trained (the 4-bit base + adapter) for a QLoRA adapter, else None.
+
+    With ``dequantized``, each 4-bit weight is then copied, dequantized, into ``model``'s base.
+    The 4-bit copy is freed before returning. Without bitsandbytes, ``original`` skips the
+    measurement (with a log line) and ``dequantized`` is refused.
+    """
+    import importlib.util
+
+    if quant is None:
+        return None
+    if base_precision == "original" and importlib.util.find_spec("bitsandbytes") is None:
+        log.info(
+            "the adapter trained on a %s base: pip install bitsandbytes to measure the merge against it",
+            quant[0],
+        )
+        return None
+    param = next(model.parameters())
+    log.info("loading the %s base the adapter trained on, to compare", quant[0])
+    quantized = mdl.load_adapter(
+        load_4bit(ref, quant, param.dtype, param.device.type, trust_remote_code), adapter
+    )
+    trained = prompt_logits(quantized.eval(), prompts)
+    if base_precision == "dequantized":
+        dequantize_into(model, quantized)
+    del quantized
+    return trained
 
 
 def write_generation_config(model: Any, tokenizer: Any, folder: Path) -> None:
@@ -283,6 +352,7 @@ def write_model_card(
     tolerance: float,
     prompts: str = "",
     custom_code: bool = False,
+    gaps: str = "",
 ) -> None:
     """A short README.md: where the model came from, the training config and the data summary."""
     run = adapter.resolve().parent
@@ -296,6 +366,7 @@ def write_model_card(
         f"in {str(dtype).removeprefix('torch.')}.",
         f"Parity check: max |merged - (base + adapter)| logit difference {diff:.3g} (tolerance {tolerance:.3g})"
         + (f" on {prompts}." if prompts else "."),
+        *(["", "```", gaps, "```"] if gaps else []),
         "",
         f"Load it with plain transformers: `AutoModelForCausalLM.from_pretrained(FOLDER{trust})`; "
         "the tokenizer carries the chat template the run trained with."
