@@ -10,6 +10,11 @@ Reports aggregate completion tokens/s (usage from the stream), time to first tok
     python benchmarks/serve_load.py --tree before=/tmp/danlu_before/src --tree after=src \\
         --out benchmarks/results/serve_load_cpu.json
 
+``--peer transformers`` adds transformers' own server (``transformers serve --continuous-batching``)
+on the same model in the same run. ``--build SHAPE`` first writes a random-weight model of a public
+shape (``llama3-8b``, from danlu.plan.SHAPES, bf16, with ``--tokenizer``'s files) into ``--model``,
+for the GPU machine, which has no model hub: tokens/s do not depend on the weights' values.
+
 Bounded: at most ``max(--concurrency) * --rounds`` (or ``--min-requests``) requests per level, each
 with a timeout.
 """
@@ -38,18 +43,25 @@ def free_port() -> int:
 
 
 def start(src: str, model: str, port: int, precision: str, cpus: set[int] | None) -> subprocess.Popen:
-    path = os.pathsep.join(p for p in (str(Path(src).resolve()), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path}
+    """A server on ``port``: danlu from the source tree ``src``, or ``src == "transformers"``: theirs."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if src == "transformers":  # the peer: transformers' continuous batching (paged cache)
+        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(precision, "auto")
+        cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", model, "--continuous-batching"]
+        cmd += ["--port", str(port), "--host", "127.0.0.1", "--dtype", dtype, "--log-level", "warning"]
+    else:
+        path = os.pathsep.join(p for p in (str(Path(src).resolve()), os.environ.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = path
+        cmd = [sys.executable, "-m", "danlu", "serve", "--model", model, "--port", str(port)]
+        cmd += ["--precision", precision]
     if cpus:
         env["OMP_NUM_THREADS"] = str(len(cpus))
-    cmd = [sys.executable, "-m", "danlu", "serve", "--model", model, "--port", str(port)]
-    cmd += ["--precision", precision]
     log = open(f"{tempfile.gettempdir()}/serve_load_{port}.log", "w")  # noqa: SIM115 - the server's lifetime
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=pin)
     import httpx
 
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server from {src} exited: {Path(log.name).read_text()[-2000:]}")
@@ -62,7 +74,7 @@ def start(src: str, model: str, port: int, precision: str, cpus: set[int] | None
     raise SystemExit(f"server from {src} did not start")
 
 
-def one_request(client, model: str, i: int, max_tokens: int) -> dict:
+def one_request(client, model: str, i: int, max_tokens: int, extra: dict) -> dict:
     sent = time.perf_counter()
     first = None
     tokens = 0
@@ -74,7 +86,7 @@ def one_request(client, model: str, i: int, max_tokens: int) -> dict:
         top_p=0.9,
         stream=True,
         stream_options={"include_usage": True},
-        extra_body={"top_k": 50, "repetition_penalty": 1.0},
+        extra_body=extra,
     )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content and first is None:
@@ -85,12 +97,27 @@ def one_request(client, model: str, i: int, max_tokens: int) -> dict:
     return {"ttft": (first or done) - sent, "latency": done - sent, "tokens": tokens}
 
 
+def gpu_name() -> str | None:
+    """The GPU the servers run on (nvidia-smi's name), or None on a machine without one."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return round(values[min(len(values) - 1, int(q * len(values)))], 3) if values else float("nan")
 
 
-def level(base: str, model: str, clients: int, rounds: int, max_tokens: int, timeout: float) -> dict:
+def level(
+    base: str, model: str, clients: int, rounds: int, max_tokens: int, timeout: float, peer: bool = False
+) -> dict:
+    """``clients`` concurrent clients, ``rounds`` requests each. transformers' server refuses fields
+    outside OpenAI's (422), so the peer gets none: its defaults are the same (top_k 50, no penalty)."""
     import openai
 
     results: list[dict] = []
@@ -101,7 +128,8 @@ def level(base: str, model: str, clients: int, rounds: int, max_tokens: int, tim
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=timeout)
         for r in range(rounds):
             try:
-                out = one_request(client, model, c * rounds + r, max_tokens)
+                extra = {} if peer else {"top_k": 50, "repetition_penalty": 1.0}
+                out = one_request(client, model, c * rounds + r, max_tokens, extra)
             except Exception as e:  # noqa: BLE001 - counted, not fatal
                 with lock:
                     errors.append(f"{type(e).__name__}: {e}"[:200])
@@ -135,9 +163,32 @@ def level(base: str, model: str, clients: int, rounds: int, max_tokens: int, tim
     }
 
 
+def build(shape_name: str, tokenizer_dir: str | None, folder: Path) -> None:
+    """A random-weight model of a public shape, bf16, saved with a real tokenizer (GPU runs)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from danlu.plan import SHAPES
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(**SHAPES[shape_name], max_position_embeddings=8192, rope_theta=500000.0,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    print(f"built {shape_name} with random weights in {folder}", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tree", action="append", required=True, metavar="NAME=SRC", help="a danlu source tree")
+    p.add_argument("--peer", choices=["transformers"], default=None, help="also transformers' own server")
+    p.add_argument(
+        "--build", default=None, metavar="SHAPE", help="first write a random model of SHAPE to --model"
+    )
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder for --build")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--concurrency", default="1,4,8,16,32")
     p.add_argument("--rounds", type=int, default=1, help="requests per client, one after another")
@@ -157,6 +208,9 @@ def main() -> int:
     if cpus:
         os.sched_setaffinity(0, set(os.sched_getaffinity(0)) - cpus or cpus)
     levels = [int(x) for x in args.concurrency.split(",")]
+    if args.build:
+        build(args.build, args.tokenizer, Path(args.model))
+    trees = args.tree + ([f"{args.peer}={args.peer}"] if args.peer else [])
     report: dict = {
         "benchmark": "serve_load",
         "note": args.note,
@@ -165,17 +219,21 @@ def main() -> int:
         "rounds": args.rounds,
         "min_requests": args.min_requests,
         "precision": args.precision,
-        "sampling": "temperature 0.7, top_p 0.9, top_k 50, repetition_penalty 1.0 (in every request)",
+        "peer": args.peer,
+        "built": args.build,
+        "sampling": "temperature 0.7, top_p 0.9, top_k 50, repetition_penalty 1.0 (in every request; "
+        "the peer: temperature and top_p sent, top_k 50 and no penalty by its defaults)",
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "gpu": gpu_name(),
         },
         "runs": {},
     }
     servers = {}
     try:
-        for spec in args.tree:  # all up at once; each level then runs every tree in turn (same load)
+        for spec in trees:  # all up at once; each level then runs every tree in turn (same load)
             name, _, src = spec.partition("=")
             port = free_port()
             servers[name] = (
@@ -183,12 +241,14 @@ def main() -> int:
                 start(src, args.model, port, args.precision, cpus),
                 f"http://127.0.0.1:{port}",
             )
-            level(servers[name][2], args.model, 1, 1, 4, args.timeout)  # warm-up
+            level(servers[name][2], args.model, 1, 1, 4, args.timeout, src == args.peer)  # warm-up
             report["runs"][name] = {"source": src, "levels": []}
         for clients in levels:
             rounds = max(args.rounds, -(-args.min_requests // clients))
-            for name, (_, _, base) in servers.items():
-                row = level(base, args.model, clients, rounds, args.max_tokens, args.timeout)
+            for name, (src, _, base) in servers.items():
+                row = level(
+                    base, args.model, clients, rounds, args.max_tokens, args.timeout, src == args.peer
+                )
                 print(
                     f"{name:>8} {clients:>3} clients: {row['tokens_per_s']:6.1f} tokens/s, "
                     f"TTFT p95 {row['ttft_p95_s']:6.2f} s, errors {row['errors']}, "
