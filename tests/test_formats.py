@@ -254,7 +254,7 @@ def test_missing_or_empty_field_names_line_and_field(data, fragment):
         ({"prompt": ["p"], "completion": "c"}, "field 'prompt' must be text, got list"),
         ({"messages": "[{oops"}, "field 'messages' holds malformed JSON"),
         ({"messages": [A("a")], "tools": "nope"}, "field 'tools' must be a list"),
-        ({"messages": [A("a")], "tools": ["nope"]}, "tools[0] must be an object, got str"),
+        ({"messages": [A("a")], "tools": ["nope"]}, "tools[0] must be a function schema"),
         (
             {"messages": [{"role": "assistant", "content": None, "tool_calls": "x"}]},
             "field 'messages[0].tool_calls' must be a list",
@@ -313,6 +313,8 @@ def test_completion_allows_an_empty_prompt_but_not_a_missing_one():
 
 TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
 CALLS = [{"type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]
+# as templates take them: arguments a mapping (they write it with tojson)
+PARSED = [{"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]
 
 
 def test_tool_calls_kept_and_content_none_becomes_empty():
@@ -329,7 +331,7 @@ def test_tool_calls_kept_and_content_none_becomes_empty():
     )
     assert detect_format(record) == "messages"
     got = to_messages(record, "messages")
-    assert got[1] == {"role": "assistant", "content": "", "tool_calls": CALLS}
+    assert got[1] == {"role": "assistant", "content": "", "tool_calls": PARSED}
     assert got[2] == {"role": "tool", "content": "3", "tool_call_id": "c1"}
     assert record_tools(record, "messages") == TOOLS
 
@@ -339,7 +341,7 @@ def test_record_tools_only_for_messages_and_defaults_to_record_format():
     assert record_tools(record) is None  # format not known yet
     record.format = "messages"
     assert record_tools(record) == TOOLS
-    assert record_tools(rec({"conversations": [], "tools": TOOLS}), "sharegpt") is None
+    assert record_tools(rec({"conversation": [], "tools": TOOLS}), "conversation") is None
     assert record_tools(rec({"messages": [U("q"), A("a")]}), "messages") is None
     assert record_tools(rec({"messages": [U("q"), A("a")], "tools": []}), "messages") is None
 
@@ -352,7 +354,7 @@ def test_list_fields_may_be_json_text():
             "tools": json.dumps(TOOLS),
         }
     )
-    assert to_messages(record, "messages")[1]["tool_calls"] == CALLS
+    assert to_messages(record, "messages")[1]["tool_calls"] == PARSED
     assert record_tools(record, "messages") == TOOLS
     assert convert({"instruction": "q2", "output": "a2", "history": '[["q1", "a1"]]'}) == [
         U("q1"),

@@ -275,12 +275,12 @@ def test_expand_globs(tree):
 
 
 def test_expand_errors_name_the_entry(tmp_path, tree):
-    entry = str(tree / "*.txt")
+    entry = str(tree / "*.xml")
     assert f"the glob {entry} matches no" in user_error(expand, entry)
     missing = str(tmp_path / "nope.jsonl")
     assert f"data.path: {missing} not found" in user_error(expand, missing)
     (tmp_path / "empty").mkdir()
-    assert "holds no .json/.jsonl/.parquet/.csv files" in user_error(expand, str(tmp_path / "empty"))
+    assert "holds no .json/.jsonl/.parquet/.csv/.txt/.md files" in user_error(expand, str(tmp_path / "empty"))
 
 
 def test_load_folder_reads_every_kind(tree):
@@ -343,7 +343,9 @@ def test_tools_survive_loading(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages, "tools": tools}])
     (record, got), *_ = load(path)[0]
     assert record_tools(record) == tools
-    assert got[1] == {"role": "assistant", "content": "", "tool_calls": call}
+    # templates write arguments with tojson: JSON text is read into a mapping
+    parsed = [{"type": "function", "function": {"name": "now", "arguments": {}}}]
+    assert got[1] == {"role": "assistant", "content": "", "tool_calls": parsed}
 
 
 def test_columns_map_before_detection_and_errors_name_the_column(tmp_path):

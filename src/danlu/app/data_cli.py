@@ -10,7 +10,6 @@ load only the tokenizer, never the weights.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import re
@@ -20,8 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from danlu.config import DEFAULT_MODEL, DataConfig, load_config
 from danlu.data.formats import record_tools
 from danlu.data.render import IGNORE, RAW_ROLES, Sample
@@ -29,9 +26,8 @@ from danlu.errors import UserError
 from danlu.files import atomic_write
 
 if TYPE_CHECKING:
-    from danlu.data.dataset import Conversation
+    from danlu.data.checkup import Inspection
 
-_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 _OPEN, _CLOSE = "⟦", "⟧"
 _GREEN, _RESET = "\x1b[42;30m", "\x1b[0m"
@@ -79,101 +75,6 @@ def _tokenizer(args: argparse.Namespace, cfg: DataConfig) -> tuple[Any, set[int]
 # --------------------------------------------------------------------------- stats
 
 
-@dataclasses.dataclass
-class Inspection:
-    """One input read and tokenized in full (no truncation), plus what training would cut."""
-
-    name: str
-    formats: str
-    conversations: list[Conversation]
-    samples: list[Sample]  # untruncated: lengths show how far past max_seq_length the data goes
-    skipped: Any  # SkipReport
-    max_length: int
-
-
-def inspect(cfg: DataConfig, entry: str, tokenizer: Any, stop_ids: set[int]) -> Inspection:
-    """Read ``entry`` (a file, folder or glob) and tokenize every record without truncating."""
-    from danlu.data.dataset import load_conversations, tokenize  # torch: only when a verb runs
-
-    conversations, formats, skipped = load_conversations(cfg, [entry])
-    whole = dataclasses.replace(cfg, max_seq_length=sys.maxsize)
-    samples = tokenize(conversations, tokenizer, whole, stop_ids)
-    return Inspection(entry, formats, conversations, samples, skipped, cfg.max_seq_length)
-
-
-def length_stats(values: list[int]) -> dict[str, int]:
-    """min / median / p95 / max of ``values`` (rounded to whole numbers)."""
-    if not values:
-        return {"min": 0, "median": 0, "p95": 0, "max": 0}
-    a = np.asarray(values)
-    return {
-        "min": int(a.min()),
-        "median": round(float(np.median(a))),
-        "p95": round(float(np.percentile(a, 95))),
-        "max": int(a.max()),
-    }
-
-
-def turn_counts(conversations: list[Conversation]) -> list[int]:
-    """User plus assistant messages per record."""
-    return [sum(m["role"] in ("user", "assistant") for m in msgs) for _, msgs in conversations]
-
-
-def trained_after_cut(sample: Sample, max_length: int) -> int:
-    """Trained tokens left once truncated to ``max_length``; 0 when training would drop the sample."""
-    labels = np.asarray(sample.labels[:max_length])
-    if not (labels[1:] != IGNORE).any():  # as dataset._keep_trainable: label 0 predicts nothing
-        return 0
-    return int((labels != IGNORE).sum())
-
-
-def problems(ins: Inspection) -> list[str]:
-    """What would go wrong or be lost in training, one line each."""
-    found = []
-    if ins.skipped.count:
-        found.append(ins.skipped.line())
-    unfilled: dict[str, str] = {}
-    for record, msgs in ins.conversations:
-        for m in msgs:
-            for key in _PLACEHOLDER.findall(m["content"]):
-                unfilled.setdefault(key, record.where())
-    for key, where in unfilled.items():
-        found.append(
-            f"unfilled placeholder {{{{{key}}}}} (first at {where}); set data.placeholders.{key}=VALUE"
-        )
-    empty = [
-        r.where()
-        for (r, _), s in zip(ins.conversations, ins.samples, strict=True)
-        if not trained_after_cut(s, ins.max_length)
-    ]
-    if empty:
-        found.append(
-            f"{len(empty)} sample(s) have no trained tokens left after truncation at data.max_seq_length="
-            f"{ins.max_length} (first at {empty[0]}); they are dropped in training"
-        )
-    return found
-
-
-def report(ins: Inspection) -> list[str]:
-    """The lines ``check`` and ``stats`` print for one input."""
-    lengths = [len(s.input_ids) for s in ins.samples]
-    cut = sum(n > ins.max_length for n in lengths)
-    trained = sum(trained_after_cut(s, ins.max_length) for s in ins.samples)
-    turns, tokens = length_stats(turn_counts(ins.conversations)), length_stats(lengths)
-    lines = [
-        ins.name,
-        f"  format:     {ins.formats}",
-        f"  records:    {len(ins.conversations)}",
-        f"  turns:      min {turns['min']}, median {turns['median']}, max {turns['max']} (user + assistant)",
-        "  tokens:     " + ", ".join(f"{k} {v}" for k, v in tokens.items()) + " (per sample, untruncated)",
-        f"  truncated:  {cut} of {len(lengths)} samples at data.max_seq_length={ins.max_length}",
-        f"  trained:    {trained} tokens",
-    ]
-    found = problems(ins)
-    lines += [f"  problem:    {p}" for p in found] or ["  problems:   none"]
-    return lines
-
-
 @contextmanager
 def _quiet(name: str) -> Iterator[None]:
     """Mute a logger for a while: check reports placeholders itself, once per input."""
@@ -187,33 +88,39 @@ def _quiet(name: str) -> Iterator[None]:
 
 
 def _inspect_all(args: argparse.Namespace) -> list[Inspection]:
+    """Every file of every input, read and tokenized as training would (bad records collected)."""
+    from danlu.data.checkup import inspect  # torch: only when a verb runs
+
     cfg = _data_config(args)
     tokenizer, stop_ids = _tokenizer(args, cfg)
     with _quiet("danlu.data.dataset"):
-        found = [inspect(cfg, entry, tokenizer, stop_ids) for entry in cfg.path]
-    if not any(trained_after_cut(s, cfg.max_seq_length) for ins in found for s in ins.samples):
-        raise UserError(
-            f"{', '.join(cfg.path)}: no sample has trained tokens left within data.max_seq_length="
-            f"{cfg.max_seq_length}; raise it"
-        )
-    return found
+        return [ins for entry in cfg.path for ins in inspect(cfg, entry, tokenizer, stop_ids)]
 
 
 # --------------------------------------------------------------------------- verbs
 
 
+def _print_reports(found: list[Inspection]) -> None:
+    """Each file's report; then, where training would stop on these files, that as the error."""
+    from danlu.data.checkup import report, stop_line
+
+    for ins in found:
+        print("\n".join(report(ins)), flush=True)
+    stop = stop_line(found)
+    if stop:
+        raise UserError(stop)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    for ins in _inspect_all(args):
-        print("\n".join(report(ins)))
+    _print_reports(_inspect_all(args))
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     found = _inspect_all(args)
-    for ins in found:
-        print("\n".join(report(ins)))
+    _print_reports(found)
     out = Path(args.out)
-    groups = {ins.name: [len(s.input_ids) for s in ins.samples] for ins in found}
+    groups = {ins.name: [len(s.input_ids) for s in ins.flat] for ins in found if not ins.refusal}
     plot_lengths(groups, found[0].max_length, args.bins, out)
     print(f"wrote {out}")
     return 0
@@ -246,20 +153,23 @@ def plot_lengths(groups: dict[str, list[int]], max_length: int, bins: int, out: 
 def cmd_preview(args: argparse.Namespace) -> int:
     cfg = _data_config(args)
     tokenizer, stop_ids = _tokenizer(args, cfg)
-    from danlu.data.dataset import load_conversations, tokenize
+    from danlu.data.dataset import load_conversations, tokenize_records
 
     conversations = load_conversations(cfg)[0][: max(args.n, 0)]
     color = sys.stdout.isatty() and not args.plain
     legend = f"{_GREEN}green{_RESET}" if color else f"{_OPEN}in brackets{_CLOSE}"
     print(f"trained tokens are {legend}; text is decoded token by token from what the model sees")
-    samples = tokenize(conversations, tokenizer, cfg, stop_ids)
-    for (record, _), sample in zip(conversations, samples, strict=True):
-        cut = f", truncated at {cfg.max_seq_length}" if sample.truncated else ""
-        print(
-            f"\n── {record.where()} ({record.format}): {len(sample.input_ids)} tokens, "
-            f"{sample.trained_tokens} trained{cut} ──"
-        )
-        print(highlight(tokenizer, sample, color))
+    for (record, _), samples in tokenize_records(conversations, tokenizer, cfg, stop_ids):
+        tools = record_tools(record)
+        names = ", ".join(t["function"].get("name", "?") for t in tools or [])
+        for k, sample in enumerate(samples):
+            part = f" {k + 1}/{len(samples)}" if len(samples) > 1 else ""
+            cut = f", truncated at {cfg.max_seq_length}" if sample.truncated else ""
+            print(
+                f"\n── {record.where()}{part} ({record.format}{f'; tools: {names}' if names else ''}): "
+                f"{len(sample.input_ids)} tokens, {sample.trained_tokens} trained{cut} ──"
+            )
+            print(highlight(tokenizer, sample, color))
     return 0
 
 

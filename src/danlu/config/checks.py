@@ -40,6 +40,10 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
         (cfg.data.max_seq_length >= 8, "data.max_seq_length must be at least 8"),
         (
+            0 <= cfg.data.window_overlap < cfg.data.max_seq_length,
+            "data.window_overlap must be at least 0 and less than data.max_seq_length",
+        ),
+        (
             not cfg.data.weights or len(cfg.data.weights) == len(cfg.data.path),
             "data.weights needs one weight per entry of data.path",
         ),

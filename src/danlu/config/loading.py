@@ -121,7 +121,7 @@ def _assign(cfg: Config, dotted: str, value: Any, *, where: str, base: Path | No
         if typing.get_origin(hints[key]) is not dict:
             raise UserError(f"{where}: '{full}' has no sub-keys; set it as {full}=VALUE")
         current = dict(getattr(obj, key))
-        current[".".join(parts[2:])] = _coerce(value, str, full, where)
+        current[".".join(parts[2:])] = _coerce(value, typing.get_args(hints[key])[1], full, where)
         setattr(obj, key, current)
         return
     value = _coerce(value, hints[key], full, where)
@@ -200,9 +200,12 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise fail
-        return {str(k): _coerce(v, str, f"{key}.{k}", where) for k, v in value.items()}
+        inner = typing.get_args(tp)[1]
+        return {str(k): _coerce(v, inner, f"{key}.{k}", where) for k, v in value.items()}
     if tp in (bool, int, float, str):
         return _coerce_scalar(value, tp, fail)
+    if tp is Any:  # passed on as written (data.template_kwargs: booleans stay booleans)
+        return value
     raise TypeError(f"unsupported config type {tp}")
 
 

@@ -77,7 +77,28 @@ class DataConfig:
     loss_on: Literal["assistant", "last_assistant", "all"] = opt(
         "assistant", "tokens that carry loss: every assistant turn, only the last one, or every token"
     )
-    max_seq_length: int = opt(1024, "longest tokenized sample; longer ones are truncated")
+    max_seq_length: int = opt(
+        1024, "longest tokenized sample; longer ones are truncated (text documents: see data.long_text)"
+    )
+    long_text: Literal["window", "truncate"] = opt(
+        "window",
+        "text documents (.txt/.md files, text records) longer than max_seq_length: split into windows "
+        "of max_seq_length tokens, every token trained once (window), or cut (truncate)",
+    )
+    window_overlap: int = opt(
+        0, "long_text=window: tokens each window repeats from the one before, as context (not trained twice)"
+    )
+    text_split: Literal["file", "blank_line"] = opt(
+        "file", ".txt/.md files: one document per file, or one per block between blank lines (blank_line)"
+    )
+    template_kwargs: dict[str, Any] = opt(
+        {}, "extra arguments for the chat template, e.g. data.template_kwargs.enable_thinking=false"
+    )
+    reasoning: Literal["keep", "strip"] = opt(
+        "keep",
+        "assistant reasoning (reasoning_content, <think> blocks): rendered as the template does (keep) "
+        "or removed, training the answers only (strip)",
+    )
     system: str | None = opt(
         None, "system prompt added to records that have none (null: the template's default)"
     )

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from danlu.config import DataConfig
-from danlu.data import cache
+from danlu.data import cache, reasoning
 from danlu.data.formats import Message, Record, detect_format, record_tools
 from danlu.data.packing import pack
 from danlu.data.render import (
@@ -67,9 +67,16 @@ class DataSummary:
     eval_samples: int = 0
     packed_rows: int = 0
     cached: bool = False
+    split_documents: int = 0  # long text documents split into windows (data.long_text=window)
+    windows: int = 0  # the samples those documents became
 
     def line(self) -> str:
-        extra = f", {self.eval_samples} eval samples" if self.eval_samples else ""
+        extra = (
+            f", {self.split_documents} long documents split into {self.windows} windows"
+            if self.split_documents
+            else ""
+        )
+        extra += f", {self.eval_samples} eval samples" if self.eval_samples else ""
         extra += f", packed into {self.packed_rows} rows" if self.packed_rows else ""
         extra += f", {self.skipped} bad records skipped" if self.skipped else ""
         extra += " (from cache)" if self.cached else ""
@@ -127,7 +134,7 @@ def _formats(conversations: list[Conversation], cfg: DataConfig) -> str:
 
 
 def _shape(messages: list[Message], cfg: DataConfig) -> list[Message]:
-    """Placeholders, plain replacements and the default system prompt."""
+    """Placeholders, plain replacements, the default system prompt, reasoning kept or stripped."""
     if cfg.placeholders or cfg.replace:
         out = []
         for m in messages:
@@ -143,6 +150,8 @@ def _shape(messages: list[Message], cfg: DataConfig) -> list[Message]:
         messages = [{"role": "system", "content": cfg.system}, *messages]
     if not raw and not any(m["role"] == "assistant" for m in messages):
         raise UserError("a record has no assistant reply to train on")
+    if cfg.reasoning == "strip":
+        messages = reasoning.strip(messages)
     return messages
 
 
@@ -173,7 +182,7 @@ def _tokenize_chunk(
     Templates render in batched calls; the tokenizer then runs once for the chunk.
     """
     w = _WORKER
-    tok, max_length, loss_on = w["tokenizer"], w["max_length"], w["loss_on"]
+    tok, max_length, loss_on, kw = w["tokenizer"], w["max_length"], w["loss_on"], w["template_kwargs"]
     refused: list[tuple[int, str]] = []
 
     def refuse(i: int, e: RecordError) -> None:
@@ -189,7 +198,7 @@ def _tokenize_chunk(
     ]
     try:
         batched = dict(
-            zip(chats, assistant_spans_many(tok, [chunk[i][1] for i in chats], loss_on), strict=True)
+            zip(chats, assistant_spans_many(tok, [chunk[i][1] for i in chats], loss_on, kw), strict=True)
         )
     except Exception:  # noqa: BLE001 - one record is at fault: the loop below names it
         batched = {}
@@ -198,9 +207,9 @@ def _tokenize_chunk(
     for i, (where, messages, tools) in enumerate(chunk):
         try:
             if messages[0]["role"] in RAW_ROLES:
-                samples.append((i, render_raw(tok, messages, max_length)))
+                samples += [(i, s) for s in render_raw(tok, messages, max_length, w["overlap"])]
                 continue
-            renderings = batched[i] if i in batched else assistant_spans(tok, messages, tools, loss_on)
+            renderings = batched[i] if i in batched else assistant_spans(tok, messages, tools, loss_on, kw)
         except RecordError as e:
             refuse(i, e)
             continue
@@ -262,6 +271,8 @@ def _tokenize(
         loss_on=cfg.loss_on,
         skip=skip,
         on_error=cfg.on_error,
+        template_kwargs=dict(cfg.template_kwargs),
+        overlap=cfg.window_overlap if cfg.long_text == "window" else None,
     )
     items = [(r.where(), m, record_tools(r)) for r, m in conversations]
     size = 1000
@@ -353,11 +364,14 @@ def _samples(
     cfg: DataConfig,
     stop_ids: set[int],
     skipped: SkipReport,
-) -> tuple[list[Sample], int]:
-    """The trainable samples of ``conversations`` and how many records the template refused."""
+) -> tuple[list[Sample], int, tuple[int, int]]:
+    """The trainable samples of ``conversations``, how many records the template refused, and
+    (documents split into windows, windows)."""
     if not conversations:
-        return [], 0
-    samples, _, refused = _tokenize(conversations, tokenizer, cfg, stop_ids, cfg.on_error == "skip")
+        return [], 0, (0, 0)
+    samples, owners, refused = _tokenize(conversations, tokenizer, cfg, stop_ids, cfg.on_error == "skip")
+    counts = np.bincount(owners, minlength=len(conversations)) if len(owners) else np.zeros(0, np.int64)
+    split = [n for k, n in enumerate(counts) if n > 1 and conversations[k][1][0]["role"] == "text"]
     for i, reason in refused:
         skipped.add(conversations[i][0].where(), reason)
     if len(refused) == len(conversations):
@@ -365,7 +379,7 @@ def _samples(
         raise UserError(
             f"all {len(refused)} records are bad under this chat template, e.g. {where}: {reason}"
         )
-    return _keep_trainable(samples), len(refused)
+    return _keep_trainable(samples), len(refused), (len(split), int(sum(split)))
 
 
 def build(
@@ -384,8 +398,8 @@ def build(
     if cfg.eval_path:
         eval_convs, _, eval_skipped = load_conversations(cfg, cfg.eval_path)
         skipped.items += eval_skipped.items
-    train, refused = _samples(train_convs, tokenizer, cfg, stop_ids, skipped)
-    evals, refused_evals = _samples(eval_convs, tokenizer, cfg, stop_ids, skipped)
+    train, refused, (split, windows) = _samples(train_convs, tokenizer, cfg, stop_ids, skipped)
+    evals, refused_evals, _ = _samples(eval_convs, tokenizer, cfg, stop_ids, skipped)
     if not cfg.eval_path:
         refused += refused_evals  # held out of this data, so no longer among its records
     if not train:
@@ -404,6 +418,8 @@ def build(
         skipped=skipped.count,
         skipped_where=[where for where, _ in skipped.items][:100],
         eval_samples=len(evals),
+        split_documents=split,
+        windows=windows,
     )
     if cfg.packing:
         train = pack(train, cfg.max_seq_length)

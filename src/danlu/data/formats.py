@@ -8,8 +8,11 @@ Formats read here:
 - ``alpaca``: ``instruction``, ``input``, ``output``, optional ``system`` and ``history``
   (a list of ``[question, answer]`` pairs before this one).
 - ``messages`` (OpenAI): ``{"messages": [{"role": ..., "content": ...}, ...]}``, optional
-  record-level ``tools`` (see :func:`record_tools`); assistant messages may carry ``tool_calls``.
-- ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}``.
+  record-level ``tools`` (see :func:`record_tools`); assistant messages may carry ``tool_calls``
+  and ``reasoning_content``; ``content`` may be a list of text parts.
+- ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}``, optional
+  record-level ``system`` and ``tools``; ``function_call`` turns (JSON text) become tool calls,
+  ``observation`` turns ``tool`` messages.
 - ``conversation`` (Firefly/MOSS): ``{"conversation": [{"human": ..., "assistant": ...}]}``
   with optional ``system``.
 - ``text``: ``{"text": ...}`` → one ``text`` message; every token is trained (plain pretraining).
@@ -18,6 +21,11 @@ Formats read here:
 
 List fields (``messages``, ``history``, ``tools``, ...) may also arrive as JSON text, as they
 do from CSV files and some Parquet exports.
+
+A message's ``loss_weight`` / ``weight`` (0 or 1) or ``train`` (boolean) decides whether an
+assistant turn is trained; it is kept as ``train`` on the message. Records that are not SFT data
+(preference pairs, KTO labels) and records with images, audio or video are refused here, each
+with one line saying why (see :mod:`danlu.data.kinds`).
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from danlu.data import reasoning
+from danlu.data.kinds import kind, media_field, media_marker, media_part, sft_refusal
+from danlu.data.tools import function_call, tool_calls, tool_schemas
 from danlu.errors import UserError
 
 FORMATS = ("alpaca", "messages", "sharegpt", "conversation", "text", "completion")
@@ -70,6 +81,9 @@ def detect_format(record: Record) -> str:
     d = record.data
     if not isinstance(d, dict):
         raise UserError(f"{record.where()}: a record must be a JSON object, got {type(d).__name__}")
+    not_sft = kind(d)
+    if not_sft:
+        return not_sft
     if "messages" in d:
         return "messages"
     if "conversations" in d:
@@ -85,29 +99,46 @@ def detect_format(record: Record) -> str:
     raise UserError(
         f"{record.where()}: cannot tell the format from keys {sorted(d)}; expected one of: "
         "instruction/input/output (alpaca), messages, conversations (sharegpt), conversation "
-        "(firefly), text, prompt/completion; rename columns with data.columns or set data.format"
+        "(firefly), text, prompt/completion (or chosen/rejected, label: preference data); rename "
+        "columns with data.columns or set data.format"
     )
 
 
 def to_messages(record: Record, fmt: str) -> list[Message]:
-    """Convert one record of format ``fmt`` into chat messages."""
+    """Convert one record of format ``fmt`` into chat messages.
+
+    Refuses records that are not SFT data (whatever ``fmt`` says: a KTO file forced to
+    ``messages`` would train its bad replies) and records that carry images, audio or video.
+    """
     if not isinstance(record.data, dict):
         raise UserError(f"{record.where()}: a record must be a JSON object, got {type(record.data).__name__}")
-    return _CONVERTERS[fmt](record)
+    not_sft = kind(record.data)
+    if not_sft or fmt not in _CONVERTERS:
+        raise UserError(f"{record.where()}: {sft_refusal(not_sft or fmt)}")
+    reason = media_field(record.data)
+    if reason:
+        raise UserError(f"{record.where()}: {reason}")
+    messages = _CONVERTERS[fmt](record)
+    if fmt not in ("text", "completion"):  # raw text may hold such markers as text
+        for m in messages:
+            reason = media_marker(m["content"])
+            if reason:
+                raise UserError(f"{record.where()}: {reason}")
+    return messages
 
 
 def record_tools(record: Record, fmt: str | None = None) -> list[dict] | None:
-    """The record-level ``tools`` (function schemas) of a ``messages`` record, or None.
+    """The record-level ``tools`` of a ``messages`` or ``sharegpt`` record as function schemas
+    (see :func:`danlu.data.tools.tool_schemas`), or None.
 
     ``fmt`` defaults to ``record.format``; other formats have no tools.
     """
-    if (fmt or record.format) != "messages" or not isinstance(record.data, dict):
+    if (fmt or record.format) not in ("messages", "sharegpt") or not isinstance(record.data, dict):
+        return None
+    if record.data.get("tools") in ("", "[]"):  # ShareGPT exports write no tools as empty text
         return None
     tools = _list(record, record.data, "tools", required=False)
-    for i, tool in enumerate(tools):
-        if not isinstance(tool, dict):
-            raise UserError(f"{record.where()}: tools[{i}] must be an object, got {type(tool).__name__}")
-    return tools or None
+    return tool_schemas(tools, record.where()) or None
 
 
 def _field(record: Record, key: str) -> str:
@@ -127,6 +158,46 @@ def _text(record: Record, obj: dict, key: str, *, required: bool = True, field_n
     if not isinstance(value, str):
         raise UserError(f"{record.where()}: {name} must be text, got {type(value).__name__}")
     return value
+
+
+def _content(record: Record, obj: dict, key: str, *, required: bool, field_name: str) -> str:
+    """A message's content as text: text, or a list of parts whose text parts are joined
+    (OpenAI's ``{"type": "text", "text": ...}``, ``{"type": "text", "value": ...}``, strings).
+    Any other part (image, audio, ...) is refused."""
+    parts = obj.get(key)
+    if not isinstance(parts, list):
+        return _text(record, obj, key, required=required, field_name=field_name)
+    texts = []
+    for j, part in enumerate(parts):
+        if isinstance(part, dict) and part.get("type", "text") == "text":
+            part = part.get("text", part.get("value"))
+        elif isinstance(part, dict):
+            raise UserError(f"{record.where()}: {field_name}[{j}] {media_part(str(part.get('type')))}")
+        if not isinstance(part, str):
+            raise UserError(
+                f"{record.where()}: {field_name}[{j}] must be text or a text part "
+                f'{{"type": "text", "text": ...}}, got {type(part).__name__}'
+            )
+        texts.append(part)
+    return _text(record, {key: "".join(texts)}, key, required=required, field_name=field_name)
+
+
+_WEIGHTS = ("loss_weight", "weight", "train")
+
+
+def _trained(record: Record, m: dict, name: str) -> bool | None:
+    """A message's ``loss_weight`` / ``weight`` (0 or 1) or ``train`` (boolean), or None."""
+    for key in _WEIGHTS:
+        value = m.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
+            return bool(value)
+        raise UserError(
+            f"{record.where()}: {name}.{key} must be 0 or 1 (true or false): a turn is trained or "
+            f"not, got {value!r}"
+        )
+    return None
 
 
 def _list(record: Record, obj: dict, key: str, *, required: bool = True, field_name: str = "") -> list:
@@ -192,30 +263,55 @@ def _messages(record: Record) -> list[Message]:
         if not isinstance(m, dict) or m.get("role") not in _ROLES:
             raise UserError(f"{record.where()}: messages[{i}].role must be system, user, assistant or tool")
         role = _ROLES[m["role"]]
-        calls = _list(record, m, "tool_calls", required=False, field_name=f"messages[{i}].tool_calls")
+        name = f"messages[{i}].tool_calls"
+        calls = tool_calls(
+            _list(record, m, "tool_calls", required=False, field_name=name), record.where(), name
+        )
         # an assistant turn that only calls tools has no text
         required = role == "assistant" and not calls
-        content = _text(record, m, "content", required=required, field_name=f"messages[{i}].content")
+        content = _content(record, m, "content", required=required, field_name=f"messages[{i}].content")
         # Parquet fills absent struct fields with None; drop them so templates see them as absent
-        message = {k: v for k, v in m.items() if v is not None}
+        message = {k: v for k, v in m.items() if v is not None and k not in _WEIGHTS}
         message.update(role=role, content=content)
         if calls:
             message["tool_calls"] = calls
-        out.append(message)
+        trained = _trained(record, m, f"messages[{i}]")
+        if trained is not None and role == "assistant":
+            message["train"] = trained
+        out.append(reasoning.normalise(message))
     return out
 
 
 def _sharegpt(record: Record) -> list[Message]:
     items = _list(record, record.data, "conversations")
-    out = []
+    record_tools(record, "sharegpt")  # a malformed tools field is this record's error, found now
+    out: list[Message] = []
     for i, m in enumerate(items):
         if not isinstance(m, dict) or m.get("from") not in _ROLES:
             raise UserError(
                 f"{record.where()}: conversations[{i}].from must be system, human, gpt, "
                 "function_call or observation"
             )
-        value = _text(record, m, "value", field_name=f"conversations[{i}].value")
-        out.append({"role": _ROLES[m["from"]], "content": value})
+        name = f"conversations[{i}].value"
+        if m["from"] == "function_call":  # JSON text {"name": ..., "arguments": ...}: a tool call
+            calls = function_call(_text(record, m, "value", field_name=name), record.where(), name)
+            if out and out[-1]["role"] == "assistant":  # the reply's text, or parallel calls
+                out[-1]["tool_calls"] = [*out[-1].get("tool_calls", []), *calls]
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": calls})
+            message = out[-1]
+        else:
+            message = {
+                "role": _ROLES[m["from"]],
+                "content": _content(record, m, "value", required=True, field_name=name),
+            }
+            out.append(message)
+        trained = _trained(record, m, f"conversations[{i}]")
+        if trained is not None and message["role"] == "assistant":
+            message["train"] = trained
+    system = _text(record, record.data, "system", required=False)  # LLaMA-Factory's record-level one
+    if system and out[0]["role"] != "system":
+        out.insert(0, {"role": "system", "content": system})
     return out
 
 

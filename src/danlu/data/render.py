@@ -23,7 +23,14 @@ as written. A chat of n replies then costs up to n samples and about n/2 times t
 With ``loss_on=all`` the whole conversation is trained as rendered and is always one sample.
 
 A chat template that raises on a record (Mistral's "roles must alternate" on a system message)
-is a :class:`RecordError`: one bad record, skipped under ``data.on_error=skip``.
+is a :class:`RecordError`: one bad record, skipped under ``data.on_error=skip``; so is a record
+with tools or tool calls for a template that has no place for them (:mod:`danlu.data.tools`).
+Reasoning (``reasoning_content``) goes to templates that read it and into the content as a
+``<think>`` block for those that do not (:mod:`danlu.data.reasoning`). ``template_kwargs``
+(``data.template_kwargs``, e.g. ``enable_thinking``) reach every render of the template.
+
+An assistant message with ``train: false`` (a loss weight of 0) is rendered but not trained.
+A ``text`` document longer than ``max_length`` becomes windows (:func:`render_raw`).
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from danlu.data import reasoning
+from danlu.data.tools import template_gap
 from danlu.errors import UserError
 
 IGNORE = -100
@@ -66,17 +75,23 @@ class Sample:
 
 
 def _template(
-    tokenizer: Any, messages: list[dict], generation_prompt: bool, tools: list | None = None
+    tokenizer: Any,
+    messages: list[dict],
+    generation_prompt: bool,
+    tools: list | None = None,
+    kwargs: dict | None = None,
 ) -> str:
     try:
         return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt, tools=tools
+            messages, tokenize=False, add_generation_prompt=generation_prompt, tools=tools, **(kwargs or {})
         )
     except Exception as e:  # noqa: BLE001 - the template is the user's code: what it raises is about the data
-        raise _refusal(tokenizer, messages, tools, e) from None
+        raise _refusal(tokenizer, messages, tools, e, kwargs) from None
 
 
-def _refusal(tokenizer: Any, messages: list[dict], tools: list | None, error: Exception) -> UserError:
+def _refusal(
+    tokenizer: Any, messages: list[dict], tools: list | None, error: Exception, kwargs: dict | None = None
+) -> UserError:
     """The error for a template that raised on ``messages``: its own message and what to do."""
     from jinja2 import TemplateError, TemplateSyntaxError
 
@@ -92,7 +107,7 @@ def _refusal(tokenizer: Any, messages: list[dict], tools: list | None, error: Ex
     if any(m["role"] == "system" for m in messages):
         rest = [m for m in messages if m["role"] != "system"]
         try:
-            tokenizer.apply_chat_template(rest, tokenize=False, tools=tools)
+            tokenizer.apply_chat_template(rest, tokenize=False, tools=tools, **(kwargs or {}))
         except Exception:  # noqa: BLE001, S110 - it fails without the system message too
             pass
         else:
@@ -103,33 +118,54 @@ def _refusal(tokenizer: Any, messages: list[dict], tools: list | None, error: Ex
     return RecordError(f"the chat template refuses this record ({said}); {fix}")
 
 
-def _render_many(tokenizer: Any, conversations: list[list[dict]], generation_prompt: bool) -> list[str]:
+def _render_many(
+    tokenizer: Any, conversations: list[list[dict]], generation_prompt: bool, kwargs: dict | None = None
+) -> list[str]:
     if not conversations:
         return []
     return tokenizer.apply_chat_template(
-        conversations, tokenize=False, add_generation_prompt=generation_prompt
+        conversations, tokenize=False, add_generation_prompt=generation_prompt, **(kwargs or {})
     )
 
 
 def _wanted(messages: list[dict], loss_on: str) -> list[int]:
-    """Indices of the assistant turns to locate: the trained ones (for ``all``: every one, so
-    each is checked for its stop token)."""
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    """Indices of the assistant turns to locate: the trained ones, never those marked
+    ``train: false`` (for ``all``: every one, so each is checked for its stop token)."""
+    if loss_on == "all":
+        return [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True)]
     return turns[-1:] if loss_on == "last_assistant" else turns
 
 
+def _fit(tokenizer: Any, messages: list[dict], tools: list | None) -> list[dict]:
+    """``messages`` as the template can take them: reasoning where it reads it; tools or tool
+    calls it has no place for refused (:class:`RecordError`)."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    gap = template_gap(template, messages, tools)
+    if gap:
+        raise RecordError(gap)
+    return reasoning.for_template(template, messages)
+
+
 def assistant_spans(
-    tokenizer: Any, messages: list[dict], tools: list | None = None, loss_on: str = "assistant"
+    tokenizer: Any,
+    messages: list[dict],
+    tools: list | None = None,
+    loss_on: str = "assistant",
+    template_kwargs: dict | None = None,
 ) -> list[Rendering]:
     """The texts ``messages`` trains as, each with the character spans of its trained turns:
-    the whole conversation first, then one text per turn it does not render as written."""
+    the whole conversation first, then one text per turn it does not render as written.
+    ``template_kwargs`` go to every ``apply_chat_template`` call (``enable_thinking``, ...)."""
     _check_template(tokenizer)
-    text = _template(tokenizer, messages, False, tools)
+    messages = _fit(tokenizer, messages, tools)
+    kw = template_kwargs
+    text = _template(tokenizer, messages, False, tools, kw)
     wanted = _wanted(messages, loss_on)
     turns = [
         (
-            _template(tokenizer, messages[:i], True, tools),
-            text if i == len(messages) - 1 else _template(tokenizer, messages[: i + 1], False, tools),
+            _template(tokenizer, messages[:i], True, tools, kw),
+            text if i == len(messages) - 1 else _template(tokenizer, messages[: i + 1], False, tools, kw),
             messages[i]["content"],
         )
         for i in wanted
@@ -138,17 +174,22 @@ def assistant_spans(
 
 
 def assistant_spans_many(
-    tokenizer: Any, conversations: list[list[dict]], loss_on: str = "assistant"
+    tokenizer: Any,
+    conversations: list[list[dict]],
+    loss_on: str = "assistant",
+    template_kwargs: dict | None = None,
 ) -> list[list[Rendering]]:
     """:func:`assistant_spans` for many conversations without tools, the template rendered in a
     few batched calls (a quarter less time than one call per render). On any error, call
     :func:`assistant_spans` per conversation to find the one at fault."""
     _check_template(tokenizer)
-    texts = _render_many(tokenizer, conversations, False)
+    conversations = [_fit(tokenizer, msgs, None) for msgs in conversations]
+    kw = template_kwargs
+    texts = _render_many(tokenizer, conversations, False, kw)
     wanted = [(k, i) for k, msgs in enumerate(conversations) for i in _wanted(msgs, loss_on)]
-    befores = _render_many(tokenizer, [conversations[k][:i] for k, i in wanted], True)
+    befores = _render_many(tokenizer, [conversations[k][:i] for k, i in wanted], True, kw)
     inner = [(k, i) for k, i in wanted if i != len(conversations[k]) - 1]  # not the last message
-    rendered = _render_many(tokenizer, [conversations[k][: i + 1] for k, i in inner], False)
+    rendered = _render_many(tokenizer, [conversations[k][: i + 1] for k, i in inner], False, kw)
     throughs = dict(zip(inner, rendered, strict=True))
     turns: list[list[tuple[str, str, str]]] = [[] for _ in conversations]
     for (k, i), before in zip(wanted, befores, strict=True):
@@ -307,6 +348,7 @@ def render_samples(
     stop_ids: set[int],
     loss_on: str = "assistant",
     tools: list | None = None,
+    template_kwargs: dict | None = None,
 ) -> list[Sample]:
     """Tokenize one conversation into the samples it trains as (see the module docstring).
 
@@ -317,8 +359,8 @@ def render_samples(
     :func:`label` are the same steps with the tokenizer called once per batch.
     """
     if messages and messages[0]["role"] in RAW_ROLES:
-        return [render_raw(tokenizer, messages, max_length)]
-    renderings = assistant_spans(tokenizer, messages, tools, loss_on)
+        return render_raw(tokenizer, messages, max_length)
+    renderings = assistant_spans(tokenizer, messages, tools, loss_on, template_kwargs)
     encoded = encode_texts(tokenizer, [t for t, _ in renderings], [s for _, s in renderings])
     return [label(tokenizer, ids, ranges, max_length, stop_ids, loss_on) for ids, ranges in encoded]
 
@@ -330,24 +372,57 @@ def render(
     stop_ids: set[int],
     loss_on: str = "assistant",
     tools: list | None = None,
+    template_kwargs: dict | None = None,
 ) -> Sample:
     """:func:`render_samples` for a conversation that trains as one sample (raises otherwise)."""
-    samples = render_samples(tokenizer, messages, max_length, stop_ids, loss_on, tools)
+    samples = render_samples(tokenizer, messages, max_length, stop_ids, loss_on, tools, template_kwargs)
     if len(samples) != 1:
         raise ValueError(f"this conversation trains as {len(samples)} samples; use render_samples")
     return samples[0]
 
 
-def render_raw(tokenizer: Any, messages: list[dict], max_length: int) -> Sample:
-    """``text``: every token trained; ``prompt`` + ``completion``: only the completion. Both end in EOS."""
+def render_raw(
+    tokenizer: Any, messages: list[dict], max_length: int, overlap: int | None = None
+) -> list[Sample]:
+    """``text``: every token trained; ``prompt`` + ``completion``: only the completion. Both end in EOS.
+
+    Longer than ``max_length``, a completion is truncated, and so is a text when ``overlap`` is
+    None; else the text becomes windows (see :func:`windows`), each a sample of its own.
+    """
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if messages[0]["role"] == "text":
         ids = tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"] + eos
         labels = list(ids)
+        if overlap is not None and len(ids) > max_length:
+            ids_np = np.asarray(ids, np.int32)
+            out = []
+            for start, end, context in windows(len(ids), max_length, overlap):
+                piece = ids_np[start:end]
+                marked = piece.copy()
+                marked[:context] = IGNORE  # the overlap is context here, trained in the window before
+                out.append(Sample(piece, marked))
+            return out
     else:
         prompt = tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"]
         completion = tokenizer(messages[1]["content"], add_special_tokens=False)["input_ids"] + eos
         ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
     truncated = len(ids) > max_length
     ids_np, labels_np = np.asarray(ids, np.int32), np.asarray(labels, np.int32)
-    return Sample(ids_np[:max_length], labels_np[:max_length], truncated)
+    return [Sample(ids_np[:max_length], labels_np[:max_length], truncated)]
+
+
+def windows(length: int, max_length: int, overlap: int) -> list[tuple[int, int, int]]:
+    """A document of ``length`` tokens as windows of at most ``max_length``: ``(start, end,
+    context)``, where each window after the first starts ``overlap`` tokens before the end of
+    the one before and those ``context`` tokens are not trained again."""
+    if not 0 <= overlap < max_length:
+        raise UserError(
+            f"data.window_overlap={overlap} must be at least 0 and less than data.max_seq_length={max_length}"
+        )
+    out, start = [(0, min(length, max_length), 0)], min(length, max_length)
+    while start < length:
+        begin = start - overlap
+        end = min(length, begin + max_length)
+        out.append((begin, end, overlap))
+        start = end
+    return out

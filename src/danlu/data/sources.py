@@ -2,7 +2,11 @@
 
 ``data.path`` lists entries; each entry is a file, a folder (every data file inside) or a glob.
 A file is read by what it holds: JSON arrays and JSON Lines whatever the extension says
-(large sets ship JSON Lines named ``.json``), Parquet and CSV by extension. Each file's format
+(large sets ship JSON Lines named ``.json``), Parquet and CSV by extension, ``.txt`` and ``.md``
+as plain text documents (one per file, or per blank-line-separated block with
+``data.text_split=blank_line``). A folder or glob that holds data files leaves its ``.txt`` and
+``.md`` files out (a README next to the data), saying so; one of text files only reads them all.
+A file of records that are not SFT data (preference pairs, KTO) is refused as a whole. Each file's format
 is detected from its first good record unless ``data.format`` names one, so an alpaca file
 and a messages file mix. ``data.columns`` renames fields first; ``data.on_error`` decides
 whether a bad record stops the run or is skipped and reported; ``data.weights`` repeats or
@@ -15,6 +19,7 @@ import csv
 import glob
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -24,10 +29,14 @@ from pathlib import Path
 
 from danlu.config import DataConfig
 from danlu.data.formats import Message, Record, apply_columns, detect_format, to_messages
+from danlu.data.kinds import NOT_SFT, sft_refusal
 from danlu.errors import UserError
 
-SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
-_KINDS = "a .json/.jsonl/.parquet/.csv file"
+log = logging.getLogger(__name__)
+RECORD_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+TEXT_SUFFIXES = (".txt", ".md")
+SUFFIXES = RECORD_SUFFIXES + TEXT_SUFFIXES
+_KINDS = "a .json/.jsonl/.parquet/.csv file or .txt/.md text"
 _WS = re.compile(r"[ \t\r\n]*")
 
 
@@ -64,8 +73,8 @@ def expand(entry: str) -> list[Path]:
     if path.is_dir():
         files = _data_files(path)
         if not files:
-            raise UserError(f"data.path folder {entry} holds no .json/.jsonl/.parquet/.csv files")
-        return files
+            raise UserError(f"data.path folder {entry} holds no .json/.jsonl/.parquet/.csv/.txt/.md files")
+        return _text_beside_records(files, entry)
     if not any(c in entry for c in "*?["):
         raise UserError(f"data.path: {entry} not found; give {_KINDS}, a folder or a glob like data/*.jsonl")
     files: list[Path] = []
@@ -73,8 +82,24 @@ def expand(entry: str) -> list[Path]:
         p = Path(match)
         files += _data_files(p) if p.is_dir() else [p] if p.suffix.lower() in SUFFIXES else []
     if not files:
-        raise UserError(f"data.path: the glob {entry} matches no .json/.jsonl/.parquet/.csv file")
-    return files
+        raise UserError(f"data.path: the glob {entry} matches no .json/.jsonl/.parquet/.csv/.txt/.md file")
+    return _text_beside_records(files, entry)
+
+
+def _text_beside_records(files: list[Path], entry: str) -> list[Path]:
+    """``files`` without their .txt/.md files when there are record files too (a README next to
+    the data is not training text); the log says which were left out."""
+    text = [p for p in files if p.suffix.lower() in TEXT_SUFFIXES]
+    if not text or len(text) == len(files):
+        return files
+    log.warning(
+        "data.path %s: left out %d .txt/.md file(s) next to the data files (%s); name them in data.path "
+        "to train on them as text",
+        entry,
+        len(text),
+        ", ".join(p.name for p in text[:3]) + (", ..." if len(text) > 3 else ""),
+    )
+    return [p for p in files if p.suffix.lower() not in TEXT_SUFFIXES]
 
 
 def _data_files(folder: Path) -> list[Path]:
@@ -88,11 +113,13 @@ def _data_files(folder: Path) -> list[Path]:
     )
 
 
-def read_file(path: Path, skipped: SkipReport | None = None) -> list[Record]:
+def read_file(path: Path, skipped: SkipReport | None = None, text_split: str = "file") -> list[Record]:
     """Read one data file into records (with their lines, or rows for Parquet).
 
     A malformed JSON Lines line or CSV row goes into ``skipped`` when one is given, else it
-    raises; a file that cannot be read at all always raises.
+    raises; a file that cannot be read at all always raises. A ``.txt``/``.md`` file becomes
+    ``{"text": ...}`` records: the whole file, or each blank-line-separated block
+    (``text_split="blank_line"``).
     """
     path = Path(path)
     if not path.exists():
@@ -104,6 +131,8 @@ def read_file(path: Path, skipped: SkipReport | None = None) -> list[Record]:
         records = _read_parquet(path)
     elif suffix == ".csv":
         records = _read_csv(_decode(path), path, skipped)
+    elif suffix in TEXT_SUFFIXES:
+        records = _read_text(_decode(path), path, text_split)
     else:
         text = _decode(path)
         if not text.strip():
@@ -215,6 +244,25 @@ def _read_lines(text: str, path: Path, skipped: SkipReport | None) -> list[Recor
     return records
 
 
+def _read_text(text: str, path: Path, split: str) -> list[Record]:
+    """A plain text file as documents: the whole file, or each block between blank lines."""
+    if not text.strip():
+        raise UserError(f"{path}: the file is empty; it needs some text")
+    if split == "file":
+        return [Record({"text": text.strip("\n")}, str(path), 1)]
+    records: list[Record] = []
+    block: list[str] = []
+    start = 0
+    for number, line in enumerate([*text.split("\n"), ""], start=1):
+        if line.strip():
+            start = start if block else number
+            block.append(line)
+        elif block:
+            records.append(Record({"text": "\n".join(block)}, str(path), start))
+            block = []
+    return records
+
+
 def _is_one_object(text: str) -> bool:
     try:
         return isinstance(json.loads(text), dict)
@@ -304,7 +352,8 @@ def _load_file(path: Path, cfg: DataConfig, skipped: SkipReport) -> list[tuple[R
     """One file's good records as (record, messages); the format comes from its first good record."""
     skip = cfg.on_error == "skip"
     before = skipped.count
-    records = read_file(path, skipped if skip else None)
+    records = read_file(path, skipped if skip else None, cfg.text_split)
+    _refuse_not_sft(path, records, cfg)
     fmt = None if cfg.format == "auto" else cfg.format
     pairs = []
     for raw in records:
@@ -312,10 +361,8 @@ def _load_file(path: Path, cfg: DataConfig, skipped: SkipReport) -> list[tuple[R
         try:
             record.format = fmt or detect_format(record)
             messages = to_messages(record, record.format)
-            if record.format not in ("text", "completion") and not any(
-                m["role"] == "assistant" for m in messages
-            ):
-                raise UserError(f"{record.where()}: record has no assistant reply to train on")
+            if record.format not in ("text", "completion"):
+                _check_trained(record, messages, cfg.loss_on)
         except UserError as e:
             if not skip:
                 raise UserError(f"{e}; record: {_short(raw.data)}") from None
@@ -327,6 +374,30 @@ def _load_file(path: Path, cfg: DataConfig, skipped: SkipReport) -> list[tuple[R
         where, reason = skipped.items[before]
         raise UserError(f"{path}: all {skipped.count - before} records are bad, e.g. {where}: {reason}")
     return pairs
+
+
+def _refuse_not_sft(path: Path, records: list[Record], cfg: DataConfig) -> None:
+    """A file whose first record is preference or KTO data is refused whole, saying what it is."""
+    for raw in records[:1]:
+        record = apply_columns(raw, cfg.columns)
+        try:
+            fmt = detect_format(record)
+        except UserError:
+            return
+        if fmt in NOT_SFT:
+            n = len(records)
+            raise UserError(f"{path}: {n} {fmt} record{'s' if n != 1 else ''}; {sft_refusal(fmt)}")
+
+
+def _check_trained(record: Record, messages: list[Message], loss_on: str) -> None:
+    replies = [m for m in messages if m["role"] == "assistant"]
+    if not replies:
+        raise UserError(f"{record.where()}: record has no assistant reply to train on")
+    if loss_on != "all" and not any(m.get("train", True) for m in replies):
+        raise UserError(
+            f"{record.where()}: every assistant reply has loss weight 0 (or train: false), so the "
+            "record trains nothing"
+        )
 
 
 def _short(data: object, width: int = 80) -> str:
