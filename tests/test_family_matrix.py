@@ -62,10 +62,6 @@ GREEDY = ("--temperature", "0", "--max-new-tokens", "4", "--repetition-penalty",
 # "— (needs STAGE)", or "WRONG: what the check found" for a known bug (the run then passes only
 # while the cell stays wrong in exactly that way; docs/models.md lists it as wrong).
 PADDING_FREE, CHUNKED = "✓ (padding-free)", "✓ (chunked loss)"
-NOT_PREFIXES = (
-    "refused: the chat template does not render conversations as growing prefixes, "
-    "so the assistant turns cannot be located"
-)
 
 
 def row(trained: str, **cells: str) -> dict[str, str]:
@@ -78,16 +74,10 @@ EXPECTED: dict[str, dict[str, str]] = {
     "llama2": row(PADDING_FREE),
     "llama3": row(PADDING_FREE),
     "qwen2.5": row(PADDING_FREE),
-    "qwen3": row(PADDING_FREE, multi_turn=NOT_PREFIXES),
+    "qwen3": row(PADDING_FREE),
     "phi3": row(CHUNKED),
     "mistral": row(PADDING_FREE),
-    "gemma4": {s: NOT_PREFIXES for s in STAGES[:5]}
-    | {
-        "chat": "— (needs LoRA)",
-        "merge": "— (needs LoRA)",
-        "GGUF": "— (needs merge)",
-        "serve": "— (needs LoRA)",
-    },
+    "gemma4": row(CHUNKED, GGUF="refused: cannot export Gemma4ForCausalLM to GGUF"),
     "bloom": row(
         CHUNKED,
         packing="refused: data.packing=true: BloomForCausalLM ignores the restarting positions, so packed samples "
