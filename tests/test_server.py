@@ -639,7 +639,7 @@ class Scripted:
         self.model_ref, self.adapter_names, self.adapter_dirs = "scripted", [], {}
         self.seen: list = []
 
-    def chat(self, messages, settings, adapter, tools=None, strict=False) -> Generation:
+    def chat(self, messages, settings, adapter, tools=None, strict=False, template_kwargs=None) -> Generation:
         self.seen.append((messages, tools))
         gen = Generation(prompt_tokens=5, max_new_tokens=50)
         gen._push(Delta(self.text))

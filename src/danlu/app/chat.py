@@ -1,4 +1,5 @@
-"""Terminal chat over :class:`danlu.infer.Engine`: streamed replies, history, a few commands."""
+"""Terminal chat over :class:`danlu.infer.Engine`: streamed replies (a reasoning model's
+``<think>`` block shown apart, or hidden), history, a few commands."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def run_chat(args: argparse.Namespace) -> int:
 def _converse(engine: Any, settings: Any, args: argparse.Namespace) -> int:
     """The prompt loop. Ctrl-C during a reply stops it and keeps what was said; at the prompt it quits."""
     sides = [("base", False), ("tuned", True)] if args.compare else [("assistant", True)]
+    kwargs = {"enable_thinking": args.thinking} if args.thinking is not None else None
     system = args.system
     histories: dict[str, list[dict]] = {name: [] for name, _ in sides}
     while True:
@@ -76,12 +78,9 @@ def _converse(engine: Any, settings: Any, args: argparse.Namespace) -> int:
             messages = [{"role": "system", "content": system}] if system else []
             messages += [*history, {"role": "user", "content": text}]
             sys.stdout.write(f"{name}> ")
-            pieces: list[str] = []
+            answer: list[str] = []
             try:
-                for piece in engine.stream(messages, settings, use_adapter=use_adapter):
-                    pieces.append(piece)
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
+                _reply(engine.start(messages, settings, use_adapter, kwargs), answer, args.show_reasoning)
             except UserError as e:  # the template refused the conversation, or it outgrew the context
                 print(f"error: {e}")
                 break
@@ -89,14 +88,47 @@ def _converse(engine: Any, settings: Any, args: argparse.Namespace) -> int:
                 print(" [stopped]")
                 history += [
                     {"role": "user", "content": text},
-                    {"role": "assistant", "content": "".join(pieces).strip()},
+                    {"role": "assistant", "content": "".join(answer).strip()},
                 ]
                 break
             sys.stdout.write("\n")
+            # the answer only: reasoning templates (Qwen3) drop earlier turns' reasoning anyway
             history += [
                 {"role": "user", "content": text},
-                {"role": "assistant", "content": "".join(pieces).strip()},
+                {"role": "assistant", "content": "".join(answer).strip()},
             ]
+
+
+def _reply(gen: Any, answer: list[str], show_reasoning: bool) -> None:
+    """Print a reply as it streams: a ``<think>`` block apart (marked, or dimmed on a terminal), or
+    not at all; the answer's pieces are appended to ``answer``."""
+    from danlu.infer.reasoning import ReasoningSplitter
+
+    splitter = ReasoningSplitter(gen.reasoning_open)
+    tty = sys.stdout.isatty()
+    open_, close = ("\033[2m", "\033[0m\n") if tty else ("[thinking] ", "\n[/thinking]\n")
+    thinking = False
+
+    def show(reasoning: str, content: str) -> None:
+        nonlocal thinking
+        if reasoning and show_reasoning:
+            sys.stdout.write(("" if thinking else open_) + reasoning)
+            thinking = True
+        if content:
+            if thinking:
+                sys.stdout.write(close)
+                thinking = False
+            answer.append(content)
+            sys.stdout.write(content)
+        sys.stdout.flush()
+
+    try:
+        for piece in gen:
+            show(*splitter.feed(piece))
+        show(*splitter.flush())
+    finally:
+        if thinking:
+            sys.stdout.write(close)
 
 
 def add_parser(sub: Any) -> None:
@@ -111,6 +143,29 @@ def add_parser(sub: Any) -> None:
         "--compare", action="store_true", help="answer every prompt with the base model and with the adapter"
     )
     p.add_argument("--system", default=None, help="system prompt")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--show-reasoning",
+        dest="show_reasoning",
+        action="store_const",
+        const=True,
+        default=True,
+        help="print a reasoning model's <think> block, marked apart from the answer (default)",
+    )
+    shown.add_argument(
+        "--hide-reasoning",
+        dest="show_reasoning",
+        action="store_const",
+        const=False,
+        help="print the answer only",
+    )
+    p.add_argument(
+        "--thinking",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ask the chat template to let the model reason first, or not (enable_thinking, as Qwen3's "
+        "template reads it); default: the template's own default",
+    )
     add_loading_flags(p)
     add_generation_flags(p)
     p.set_defaults(func=run_chat)

@@ -45,8 +45,9 @@ class Service:
     request gets (a larger ``max_tokens`` is cut to it, said in the ``danlu-max-tokens`` header).
     """
 
-    def __init__(self, engine: Any, base_name: str, defaults: Any) -> None:
+    def __init__(self, engine: Any, base_name: str, defaults: Any, reasoning: str = "separate") -> None:
         self.engine = engine
+        self.reasoning = reasoning  # how replies give back a <think> block (server_responses.Reply)
         self.base_name = base_name
         self.defaults = defaults
         self.limit = defaults.max_new_tokens
@@ -167,7 +168,8 @@ def create_app(service: Service, api_key: str | None = None, max_body: int = MAX
             for i in range(req.n):
                 s = settings if settings.seed is None or i == 0 else replace(settings, seed=settings.seed + i)
                 if kind == "chat":
-                    gens.append(service.engine.chat(what, s, adapter, tools, asked))
+                    kwargs = req.chat_template_kwargs
+                    gens.append(service.engine.chat(what, s, adapter, tools, asked, template_kwargs=kwargs))
                 else:
                     gens.append(service.engine.complete(what, s, adapter, asked))
         except Busy as e:
@@ -194,9 +196,10 @@ def create_app(service: Service, api_key: str | None = None, max_body: int = MAX
         headers = {"danlu-max-tokens": str(service.limit)} if clamped else None
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         lp = settings.logprobs is not None
+        reply = rs.Reply(kind, rid, req.model, tools, lp, service.reasoning)
         if req.stream:
             usage = bool((req.stream_options or {}).get("include_usage"))
-            events = rs.events(kind, rid, req.model, gens, usage, tools, lp)
+            events = rs.events(reply, gens, usage)
             # a client gone before the first event never starts the stream: stop its replies after
             stop_all = BackgroundTask(lambda: [g.stop() for g in gens if not g.finished])
             return StreamingResponse(
@@ -208,7 +211,7 @@ def create_app(service: Service, api_key: str | None = None, max_body: int = MAX
             raise APIError(500, f"generation failed: {e}") from None
         if texts is None:  # the client left: nobody reads this
             return Response(status_code=499)
-        return JSONResponse(rs.body(kind, rid, req.model, gens, texts, tools, lp), headers=headers)
+        return JSONResponse(rs.body(reply, gens, texts), headers=headers)
 
     @app.get("/health")
     async def health(request: Request) -> dict:
@@ -259,7 +262,7 @@ def build_service(args: argparse.Namespace) -> Service:
     trust = trust_remote_code(args, model, first)
     batch = {"max_batch": getattr(args, "max_batch", 32), "max_waiting": getattr(args, "max_waiting", 256)}
     engine = Engine(model, adapters=adapters, trust_remote_code=trust, **loading_options(args), **batch)
-    return Service(engine, model, settings_from(args))
+    return Service(engine, model, settings_from(args), getattr(args, "reasoning", "separate"))
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -331,6 +334,13 @@ def add_parser(sub: Any) -> None:
         help="require `Authorization: Bearer KEY` on /v1 routes (also: DANLU_API_KEY, --api-key-file)",
     )
     p.add_argument("--api-key-file", default=None, metavar="PATH", help="read the key from a file")
+    p.add_argument(
+        "--reasoning",
+        default="separate",
+        choices=["separate", "hidden", "raw"],
+        help="a reasoning model's <think> block: in the message's reasoning_content (default), "
+        "dropped, or left in the content as the model wrote it",
+    )
     p.add_argument("--max-batch", type=int, default=32, help="replies decoded together (default 32)")
     p.add_argument(
         "--max-waiting",

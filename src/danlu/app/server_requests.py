@@ -78,6 +78,7 @@ def schemas() -> SimpleNamespace:
         tools: list[dict[str, Any]] | None = None
         tool_choice: str | dict[str, Any] | None = None
         parallel_tool_calls: bool | None = None
+        chat_template_kwargs: dict[str, Any] | None = None  # template variables, e.g. enable_thinking
 
     class Completion(Sampling):
         prompt: str | list[str]

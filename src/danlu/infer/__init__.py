@@ -3,6 +3,7 @@
 - :mod:`danlu.infer.adapters`: the base model with named LoRA adapters and their tokenizers.
 - :mod:`danlu.infer.sampling`: per-request settings and picking each row's next token.
 - :mod:`danlu.infer.generation`: a reply as its reader sees it, and token ids → text.
+- :mod:`danlu.infer.reasoning`: a reasoning model's ``<think>`` block split from the answer.
 - :mod:`danlu.infer.batch`: the continuous-batching decoder thread and its bounded queue.
 - :mod:`danlu.infer.engine`: :class:`Engine`, prompts (chat templates, tools, the context
   window) in, :class:`Generation` out.

@@ -21,6 +21,7 @@ from danlu.errors import UserError
 from danlu.infer.adapters import Registry
 from danlu.infer.batch import Batcher, Request
 from danlu.infer.generation import Generation
+from danlu.infer.reasoning import opens_reasoning
 from danlu.infer.sampling import GenerationSettings
 
 
@@ -123,13 +124,29 @@ class Engine:
     # ------------------------------------------------------------------ prompts
 
     def prompt_ids(
-        self, messages: list[dict], adapter: str | None = None, tools: list | None = None
+        self,
+        messages: list[dict],
+        adapter: str | None = None,
+        tools: list | None = None,
+        template_kwargs: dict | None = None,
     ) -> list[int]:
         """Prompt ids for ``messages`` in ``adapter``'s template (None: the base's), with the
-        assistant's turn opener; ``tools`` (function schemas) go into the template."""
+        assistant's turn opener; ``tools`` (function schemas) and ``template_kwargs`` (e.g.
+        ``enable_thinking``) go into the template."""
+        text = self.prompt_text(messages, adapter, tools, template_kwargs)
+        return self.tokenizers[adapter](text, add_special_tokens=False)["input_ids"]
+
+    def prompt_text(
+        self,
+        messages: list[dict],
+        adapter: str | None = None,
+        tools: list | None = None,
+        template_kwargs: dict | None = None,
+    ) -> str:
+        """:meth:`prompt_ids` as the rendered text."""
         self.registry.check(adapter)
         tokenizer = self.tokenizers[adapter]
-        extra = {"tools": tools} if tools else {}
+        extra = {**check_template_kwargs(template_kwargs), **({"tools": tools} if tools else {})}
         try:
             text = tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True, **extra
@@ -149,7 +166,7 @@ class Engine:
                 raise RequestError(
                     "this model's chat template has no place for tools: it would never see them", "tools"
                 )
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text
 
     def encode(self, messages: list[dict]) -> torch.Tensor:
         """Prompt ids for ``messages`` (primary template) followed by the assistant's turn opener."""
@@ -201,11 +218,16 @@ class Engine:
         adapter: str | None = None,
         tools: list | None = None,
         asked: int | None = None,
+        template_kwargs: dict | None = None,
     ) -> Generation:
         """Start a reply to ``messages`` with the named adapter (``None``: the bare base model),
-        rendered with that adapter's saved template, or the base's."""
-        ids = self.prompt_ids(messages, adapter, tools)
-        return self.submit(ids, settings, adapter, self.tokenizers[adapter], asked)
+        rendered with that adapter's saved template, or the base's. ``reasoning_open`` on the
+        reply says whether the template opened a ``<think>`` block the reply starts inside."""
+        text = self.prompt_text(messages, adapter, tools, template_kwargs)
+        ids = self.tokenizers[adapter](text, add_special_tokens=False)["input_ids"]
+        gen = self.submit(ids, settings, adapter, self.tokenizers[adapter], asked)
+        gen.reasoning_open = opens_reasoning(text)
+        return gen
 
     def complete(
         self,
@@ -220,21 +242,33 @@ class Engine:
         return self.submit(ids, settings, adapter, self.base_tokenizer, asked)
 
     def stream(
-        self, messages: list[dict], settings: GenerationSettings | None = None, use_adapter: bool = True
+        self,
+        messages: list[dict],
+        settings: GenerationSettings | None = None,
+        use_adapter: bool = True,
+        template_kwargs: dict | None = None,
     ) -> Iterator[str]:
         """Yield the reply's text piece by piece as tokens are generated.
 
         Renders with the primary template either way, so ``use_adapter=False`` compares the
         bare base on exactly the same prompt.
         """
-        yield from self.start(messages, settings, use_adapter)
+        yield from self.start(messages, settings, use_adapter, template_kwargs)
 
     def start(
-        self, messages: list[dict], settings: GenerationSettings | None = None, use_adapter: bool = True
+        self,
+        messages: list[dict],
+        settings: GenerationSettings | None = None,
+        use_adapter: bool = True,
+        template_kwargs: dict | None = None,
     ) -> Generation:
         """:meth:`stream`'s reply as a :class:`Generation` (for readers on an asyncio loop)."""
+        text = self.prompt_text(messages, self.primary, None, template_kwargs)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         key = self.primary if use_adapter else None
-        return self.submit(self.prompt_ids(messages, self.primary), settings, key, self.tokenizer)
+        gen = self.submit(ids, settings, key, self.tokenizer)
+        gen.reasoning_open = opens_reasoning(text)
+        return gen
 
     def reply(
         self, messages: list[dict], settings: GenerationSettings | None = None, use_adapter: bool = True
@@ -252,6 +286,28 @@ class Engine:
     def shutdown(self) -> None:
         """Stop every reply and wait for the decoding thread to end (before the program exits)."""
         self.batcher.shutdown()
+
+
+def check_template_kwargs(kwargs: dict | None) -> dict:
+    """Extra variables for the chat template (``enable_thinking``, ...), refused where they would
+    change how the template is called rather than what it sees (``tokenize``, ``tools``, ...)."""
+    if not kwargs:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise RequestError("chat_template_kwargs must be an object", "chat_template_kwargs")
+    import inspect
+
+    from transformers import PreTrainedTokenizerBase
+
+    params = inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters
+    taken = sorted(k for k in kwargs if k in params or not str(k).isidentifier())
+    if taken:
+        raise RequestError(
+            f"chat_template_kwargs cannot set {', '.join(map(str, taken))}: give template variables "
+            "such as enable_thinking",
+            "chat_template_kwargs",
+        )
+    return dict(kwargs)
 
 
 def tool_calls(text: str, tools: list[dict]) -> tuple[str | None, list[dict]]:

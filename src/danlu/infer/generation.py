@@ -41,6 +41,7 @@ class Generation:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.logprobs: list[TokenLogprob] = []
+        self.reasoning_open = False  # the prompt opened a <think> block: the reply starts inside it
         self.cancelled = threading.Event()
         self._items: deque[Delta] = deque()
         self._cond = threading.Condition()
