@@ -26,7 +26,8 @@ MEDIA_FIELDS = ("images", "image", "videos", "video", "audios", "audio")
 _MARKER = re.compile(r"<(image|video|audio)>")
 # Content-part types that are not text (OpenAI: image_url, input_audio, file; others: image, ...).
 MEDIA_PARTS = ("image", "image_url", "input_image", "audio", "input_audio", "video", "video_url", "file")
-_SKIP = "leave such records out (data.on_error=skip skips them) or remove the media"
+_NOT_YET = "danlu does not train on images, audio or video yet"
+_SKIP = "remove the media, or leave such records out (data.on_error=skip)"
 
 
 def is_preference(data: Any) -> bool:
@@ -72,7 +73,7 @@ def media_field(data: Any) -> str | None:
     for key in MEDIA_FIELDS:
         value = data.get(key)
         if value not in (None, "", [], {}):
-            return f"the record has {key!r} ({_count(value)}); danlu does not train on images, audio or video yet: {_SKIP}"
+            return f"the record has {key!r} ({_count(value)}); {_NOT_YET}: {_SKIP}"
     return None
 
 
@@ -82,14 +83,14 @@ def media_marker(text: str) -> str | None:
     if found is None:
         return None
     return (
-        f"the text holds a {found.group(0)} marker, which stands for media the record refers to; danlu "
-        f"does not train on images, audio or video yet: {_SKIP}"
+        f"the text holds a {found.group(0)} marker, which stands for media the record refers to; "
+        f"{_NOT_YET}: {_SKIP}"
     )
 
 
 def media_part(kind_name: str) -> str:
     """Why a content part of type ``kind_name`` is refused."""
-    return f"is a {kind_name!r} part; danlu trains on text parts only: {_SKIP}"
+    return f"is a part of type {kind_name!r}, not text; {_NOT_YET}: {_SKIP}"
 
 
 def _count(value: Any) -> str:
