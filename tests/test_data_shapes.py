@@ -202,9 +202,9 @@ def test_build_summary_and_check_report_windows(capsys, tmp_path, tokenizer, def
         capsys, "data", "check", path, "--model", default_model_dir, "data.max_seq_length=64"
     )
     assert code == 0, err
-    assert f"windows:    1 documents over 64 tokens → {windows} windows (overlap 0)" in out
+    assert f"windows:    1 document over 64 tokens → {windows} windows (overlap 0)" in out
     assert re.search(rf"trained:\s+{n} tokens", out)
-    assert re.search(rf"verdict:\s+text documents: 1 records train {n} tokens \(text: every token\)", out)
+    assert re.search(rf"verdict:\s+text documents: 1 record trains {n} tokens \(text: every token\)", out)
 
 
 # ------------------------------------------------------------------------ tool calling
@@ -358,7 +358,7 @@ def test_check_verdict_refuses_preference_file_and_reads_the_rest(capsys, tmp_pa
         rf"{pairs}\n  verdict:    refused, nothing trains: 1 preference record; this is preference data", out
     )
     assert re.search(
-        rf"{chat}\n  verdict:    chats \(messages\): 1 records train \d+ tokens \(assistant replies\)", out
+        rf"{chat}\n  verdict:    chats \(messages\): 1 record trains \d+ tokens \(assistant replies\)", out
     )
 
 
@@ -468,7 +468,7 @@ def test_check_verdict_per_file_names_what_is_refused(capsys, tmp_path, default_
     code, out, err = run(capsys, "data", "check", chats, "--model", default_model_dir)
     assert code == 2 and f"{chats}:2: the record has 'images'" in err  # training would stop there
     verdict = re.search(r"verdict:\s+(.*)", out).group(1)
-    assert verdict.startswith("chats (messages): 1 records train ")
+    assert verdict.startswith("chats (messages): 1 record trains ")
     assert f"1 refused, e.g. {chats}:2: the record has 'images'" in verdict
     assert verdict.endswith("training stops at the first (data.on_error=raise)")
     code, out, _ = run(capsys, "data", "check", chats, "--model", default_model_dir, "data.on_error=skip")

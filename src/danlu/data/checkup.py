@@ -191,10 +191,12 @@ def verdict(ins: Inspection) -> str:
         if hit
     ]
     kinds += f" with {', '.join(extras)}" if extras else ""
-    parts = [f"{kinds}: {len(ins.conversations)} records train {trained(ins)} tokens ({_what(ins)})"]
+    n = len(ins.conversations)
+    records = "1 record trains" if n == 1 else f"{n} records train"
+    parts = [f"{kinds}: {records} {trained(ins)} tokens ({_what(ins)})"]
     split, n_windows = split_documents(ins)
     if split:
-        parts.append(f"{split} long documents split into {n_windows} windows")
+        parts.append(f"{split} long document{'s' if split != 1 else ''} split into {n_windows} windows")
     cut = truncated(ins)
     if cut:
         parts.append(f"{cut} samples truncated at {ins.max_length} tokens")
@@ -251,7 +253,8 @@ def report(ins: Inspection) -> list[str]:
     if split:
         overlap = ins.cfg.window_overlap
         lines.append(
-            f"  windows:    {split} documents over {ins.max_length} tokens → {n_windows} windows (overlap {overlap})"
+            f"  windows:    {split} document{'s' if split != 1 else ''} over {ins.max_length} tokens → "
+            f"{n_windows} windows (overlap {overlap})"
         )
     lines.append(f"  trained:    {trained(ins)} tokens")
     found = problems(ins)
