@@ -1,5 +1,6 @@
 """What the ``danlu`` verbs share: loading and sampling flags, the base of an adapter and whether
-its run trusted the model's own code, chat content as text, a free port, and a quiet console. Every verb module may
+its run trusted the model's own code, chat content as text, keys and passwords, whether an address is
+this machine only, a free port, and a quiet console. Every verb module may
 import this one; it imports no verb.
 
 Kept light on purpose: importing it (as ``danlu --help`` does through every verb's parser)
@@ -200,6 +201,41 @@ def content_text(content: Any) -> str:
     if isinstance(content, list | tuple):
         return "".join(content_text(part) for part in content)
     return ""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine only (``localhost``, 127.0.0.0/8, ``::1``)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, guarded: bool, guard: str) -> str | None:
+    """The one-line warning for a server that listens beyond this machine with nothing guarding it."""
+    if guarded or is_loopback(host):
+        return None
+    return f"warning: listening on {host} without {guard}: anyone who can reach this machine can use it"
+
+
+def read_secret(value: str | None, path: str | None, env: str, file_flag: str) -> str | None:
+    """A key or password: from the file at ``path`` (kept out of ``ps``), else ``value`` (a flag),
+    else the environment variable ``env``; None when none is given."""
+    from danlu.errors import UserError
+
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise UserError(f"{file_flag} {file}: no such file")
+        secret = file.read_text(encoding="utf-8").strip()
+        if not secret:
+            raise UserError(f"{file_flag} {file}: the file is empty")
+        return secret
+    return value or os.environ.get(env) or None
 
 
 def port_free(host: str, port: int) -> bool:

@@ -25,9 +25,11 @@ from danlu.app import server_responses as rs
 from danlu.app.common import (
     add_generation_flags,
     add_loading_flags,
+    exposure_warning,
     loading_options,
     model_for,
     port_free,
+    read_secret,
     settings_from,
     trust_remote_code,
 )
@@ -268,17 +270,9 @@ def build_service(args: argparse.Namespace) -> Service:
 def api_key(args: argparse.Namespace) -> str | None:
     """The key clients must send: ``--api-key-file`` (kept out of ``ps``), ``--api-key``, else
     the ``DANLU_API_KEY`` environment variable."""
-    import os
-
-    if getattr(args, "api_key_file", None):
-        path = Path(args.api_key_file)
-        if not path.is_file():
-            raise UserError(f"--api-key-file {path}: no such file")
-        key = path.read_text(encoding="utf-8").strip()
-        if not key:
-            raise UserError(f"--api-key-file {path}: the file is empty")
-        return key
-    return getattr(args, "api_key", None) or os.environ.get("DANLU_API_KEY") or None
+    return read_secret(
+        getattr(args, "api_key", None), getattr(args, "api_key_file", None), "DANLU_API_KEY", "--api-key-file"
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -295,8 +289,9 @@ def run_serve(args: argparse.Namespace) -> int:
     key = api_key(args)
     service = build_service(args)
     app = create_app(service, key)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
-        print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it")
+    warning = exposure_warning(args.host, bool(key), "an API key (--api-key-file, DANLU_API_KEY)")
+    if warning:
+        print(warning)
     print(f"danlu serve — models: {', '.join(service.names)}")
     print(f"OpenAI-compatible API at http://{args.host}:{args.port}/v1", flush=True)
     try:

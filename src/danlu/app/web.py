@@ -4,7 +4,9 @@ Streamed replies with Send and Stop, multi-turn history, a system-prompt box, sa
 (values clamped to what generation takes), and the loaded model and adapter named at the top.
 With an adapter: a picker (adapter or bare base) and a Compare tab answering with both side by
 side. A request the model refuses (e.g. its template takes no system prompt) shows as one line.
-Binds 127.0.0.1 and stays off Gradio's share tunnel unless ``--share`` is given. gradio is
+Binds 127.0.0.1 and stays off Gradio's share tunnel unless ``--share`` is given; a password
+(``--password-file``, ``DANLU_WEB_PASSWORD``) puts Gradio's login page in front, and listening
+beyond this machine without one prints a warning. gradio is
 imported inside functions so ``danlu --help`` works without the ``web`` extra.
 """
 
@@ -21,9 +23,11 @@ from danlu.app.common import (
     add_loading_flags,
     add_model_flags,
     content_text,
+    exposure_warning,
     loading_options,
     model_for,
     port_free,
+    read_secret,
     settings_from,
     trust_remote_code,
 )
@@ -161,6 +165,30 @@ def build_demo(engine: Engine, defaults: GenerationSettings, label: str) -> Any:
     return demo
 
 
+def login(password: str | None) -> dict[str, Any]:
+    """Gradio's login options for ``password`` (any user name): nothing when there is none."""
+    if not password:
+        return {}
+    import secrets
+
+    def check(_user: str, given: str) -> bool:
+        return secrets.compare_digest(given.encode(), password.encode())
+
+    return {"auth": check, "auth_message": "danlu web: any user name, and the page's password"}
+
+
+def exposure_lines(host: str, share: bool, guarded: bool) -> list[str]:
+    """What the page is open to, when more than this machine: one line each."""
+    guard = "a password (--password-file, DANLU_WEB_PASSWORD)"
+    lines = [line for line in [exposure_warning(host, guarded, guard)] if line]
+    if share:
+        said = "anyone with the link can chat with this model through Gradio's servers"
+        lines.append(
+            f"--share: a public gradio.live link is opened; {said}" + ("" if guarded else f", set {guard}")
+        )
+    return lines
+
+
 def run_web(args: argparse.Namespace) -> int:
     try:
         import gradio as gr
@@ -172,12 +200,15 @@ def run_web(args: argparse.Namespace) -> int:
         raise UserError(f"--adapter {args.adapter}: no such folder; point it at OUTPUT/final of a run")
     if not port_free(args.host, args.port):
         raise UserError(f"--port {args.port}: {args.host}:{args.port} is in use; pick another port")
+    password = read_secret(args.password, args.password_file, "DANLU_WEB_PASSWORD", "--password-file")
     model = model_for(args, args.adapter)
     trust = trust_remote_code(args, model, args.adapter)
     engine = Engine(model, args.adapter, trust_remote_code=trust, **loading_options(args))
     label = model + (f" + {args.adapter}" if args.adapter else "")
     demo = build_demo(engine, settings_from(args), label)
     print(f"danlu web — {label}\nopen http://{args.host}:{args.port} in a browser (Ctrl-C stops)", flush=True)
+    for line in exposure_lines(args.host, args.share, bool(password)):
+        print(line, flush=True)
     theme = gr.themes.Default(font=FONTS, font_mono=MONO)
     try:
         demo.launch(
@@ -187,6 +218,7 @@ def run_web(args: argparse.Namespace) -> int:
             quiet=not args.share,  # with --share, gradio prints the public link
             theme=theme,
             footer_links=[],
+            **login(password),
         )
     finally:
         engine.shutdown()  # no decoding thread left running while Python exits
@@ -204,7 +236,18 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument(
-        "--share", action="store_true", help="also open a public gradio.live link (off by default)"
+        "--share",
+        action="store_true",
+        help="also open a public gradio.live link: the page is reachable from anywhere (off by default)",
+    )
+    p.add_argument(
+        "--password",
+        default=None,
+        help="require this password to open the page (any user name); visible in ps, so prefer "
+        "--password-file or DANLU_WEB_PASSWORD",
+    )
+    p.add_argument(
+        "--password-file", default=None, metavar="PATH", help="read the page's password from a file"
     )
     add_loading_flags(p)
     add_generation_flags(p)
