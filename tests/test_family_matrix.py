@@ -75,7 +75,7 @@ EXPECTED: dict[str, dict[str, str]] = {
     "llama3": row(PADDING_FREE),
     "qwen2.5": row(PADDING_FREE),
     "qwen3": row(PADDING_FREE),
-    "phi3": row(CHUNKED),
+    "phi3": row(PADDING_FREE),
     "mistral": row(PADDING_FREE),
     "gemma4": row(CHUNKED, GGUF="refused: cannot export Gemma4ForCausalLM to GGUF"),
     "bloom": row(

@@ -95,12 +95,28 @@ def test_attention_stays_within_each_sequence():
     torch.testing.assert_close(out, ref)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "qwen3"])
+# sliding windows shorter than the batch's sequences (24, 15 and 6 tokens): the window matters
+SHAPES = {
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {}),
+    "mistral": ("mistral", {"sliding_window": None}),
+    "qwen3": ("qwen3", {"head_dim": 16}),
+    "phi3": ("phi3", {"pad_token_id": 0}),
+    "mistral-window": ("mistral", {"sliding_window": 5}),
+    "phi3-window": ("phi3", {"pad_token_id": 0, "sliding_window": 7}),
+    "qwen2-window-layer-1": (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_loss_and_lora_gradients_equal_transformers_forward(model_type, checkpointing):
+def test_loss_and_lora_gradients_equal_transformers_forward(shape, checkpointing):
     from peft import LoraConfig, get_peft_model
 
-    extra = {"mistral": {"sliding_window": None}, "qwen3": {"head_dim": 16}}.get(model_type, {})
+    model_type, extra = SHAPES[shape]
     base = small(model_type, **extra)
     assert decoder.supports(base)
     if checkpointing:
@@ -108,7 +124,8 @@ def test_loss_and_lora_gradients_equal_transformers_forward(model_type, checkpoi
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     model.train()
     calls = []
-    model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.register_forward_pre_hook(
+    attn = model.base_model.model.model.layers[0].self_attn
+    (attn.q_proj if hasattr(attn, "q_proj") else attn.qkv_proj).base_layer.register_forward_pre_hook(
         lambda *a: calls.append(1)
     )
     batch = padded_batch()
@@ -128,13 +145,45 @@ def test_loss_and_lora_gradients_equal_transformers_forward(model_type, checkpoi
             assert error < 1e-4, (name, float(error))
 
 
-def test_other_decoders_fall_back_to_transformers_forward():
-    sliding = small("mistral", sliding_window=8)  # a window the padding-free attention does not apply
-    assert not decoder.supports(sliding)
-    assert fast.describe(sliding) == "chunked loss"
+def test_windows_are_applied_where_a_layer_has_one():
+    qwen2 = small("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    windows = [decoder.sliding_window(layer.self_attn) for layer in qwen2.model.layers]
+    assert windows == [None, 4]  # transformers' own per-layer choice, read rather than guessed
+    assert decoder.sliding_window(small("mistral", sliding_window=5).model.layers[0].self_attn) == 5
+    # the same sequences with and without a window: a window shorter than them changes the output
+    torch.manual_seed(2)
+    q, k, v = torch.randn(12, 4, 8), torch.randn(12, 2, 8), torch.randn(12, 2, 8)
+    flat = varlen.Flat(torch.zeros(12, dtype=torch.long), torch.cat([torch.arange(9), torch.arange(3)]),
+                       torch.zeros(12, dtype=torch.long), torch.tensor([0, 9, 12], dtype=torch.int32), 9)  # fmt: skip
+    full = varlen.attention(q, k, v, flat, 0.3)
+    banded = varlen.attention(q, k, v, flat, 0.3, window=3)
+    torch.testing.assert_close(varlen.attention(q, k, v, flat, 0.3, window=9), full)  # no sequence longer
+    assert torch.equal(banded[:3], full[:3]) and torch.equal(banded[9:], full[9:])  # within the window
+    assert not torch.allclose(banded[3:9], full[3:9])
+    # query 5 of the first sequence sees keys 3, 4, 5 only: attention over those alone
+    keys = k[3:6].repeat_interleave(2, dim=1)
+    weights = torch.softmax(torch.einsum("hd,thd->ht", q[5], keys) * 0.3, dim=-1)
+    torch.testing.assert_close(
+        banded[5], torch.einsum("ht,thd->hd", weights, v[3:6].repeat_interleave(2, dim=1))
+    )
+
+
+@pytest.mark.parametrize(
+    "model_type, extra, why",
+    [
+        ("llama", {"attention_dropout": 0.1}, "attention dropout"),
+        ("phi3", {"pad_token_id": 0, "resid_pdrop": 0.1}, "residual dropout"),
+        ("phi3", {"pad_token_id": 0, "partial_rotary_factor": 0.5}, "rotary over half of each head"),
+    ],
+)
+def test_other_decoders_fall_back_to_transformers_forward(model_type, extra, why):
+    other = small(model_type, **extra)
+    assert not decoder.supports(other), why
+    assert fast.describe(other) == "chunked loss"
+    other.eval()  # dropout off: the chunked loss over transformers' decoder gives its numbers
     batch = padded_batch()
-    plain = token_loss_sum(forward(sliding, batch), batch["labels"])
-    torch.testing.assert_close(fast.loss_sum(sliding, batch), plain, rtol=1e-5, atol=1e-4)
+    plain = token_loss_sum(forward(other, batch), batch["labels"])
+    torch.testing.assert_close(fast.loss_sum(other, batch), plain, rtol=1e-5, atol=1e-4)
     assert fast.describe(small("llama")) == (  # on the CPU: nothing compiled
         "padding-free decoder, variable-length attention, LoRA inside the matmul, chunked loss"
     )
@@ -286,7 +335,7 @@ def compile_recording(monkeypatch, backward_graphs):
     monkeypatch.setattr(
         decoder,
         "attention",
-        lambda q, k, v, flat, scale, dense: F.scaled_dot_product_attention(
+        lambda q, k, v, flat, scale, dense, window=None: F.scaled_dot_product_attention(
             *(t.transpose(0, 1)[None] for t in (q, k, v)), is_causal=True, scale=scale, enable_gqa=True
         )[0].transpose(0, 1),
     )

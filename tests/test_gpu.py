@@ -166,7 +166,7 @@ def test_ddp_takes_the_compiled_fast_path_and_matches_one_process_on_cuda(tiny_m
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "phi3", "mistral-window"])
 @pytest.mark.parametrize("lengths", ["mixed", "equal"])
 def test_padding_free_decoder_agrees_with_transformers_in_bf16_on_cuda(lengths, model_type):
     """Flash varlen attention (mixed lengths) or cuDNN attention (equal lengths) + compiled
@@ -179,9 +179,14 @@ def test_padding_free_decoder_agrees_with_transformers_in_bf16_on_cuda(lengths, 
     from danlu.fast import ALL, Options, decoder
     from danlu.fast import loss as fast
 
-    extra = {"head_dim": 64} if model_type == "qwen3" else {}  # Qwen3: q/k norms over each head
+    extra = {  # Qwen3: q/k norms over each head; Phi-3: fused projections; a window shorter than rows
+        "qwen3": {"head_dim": 64},
+        "phi3": {"pad_token_id": 0},
+        "mistral-window": {"sliding_window": 32},
+    }.get(model_type, {})
+    q_proj = "qkv_proj" if model_type == "phi3" else "q_proj"
     config = AutoConfig.for_model(
-        model_type, vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        model_type.removesuffix("-window"), vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **extra,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -206,10 +211,10 @@ def test_padding_free_decoder_agrees_with_transformers_in_bf16_on_cuda(lengths, 
             r=8,
             target_modules="all-linear",
             init_lora_weights=False,
-            alpha_pattern={"layers.1.self_attn.q_proj": 32},
+            alpha_pattern={f"layers.1.self_attn.{q_proj}": 32},
         )
         model = get_peft_model(base, lora)
-        assert model.base_model.model.model.layers[1].self_attn.q_proj.scaling["default"] == 4.0
+        assert getattr(model.base_model.model.model.layers[1].self_attn, q_proj).scaling["default"] == 4.0
         model.train()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = run(model)
@@ -233,6 +238,33 @@ def test_padding_free_decoder_agrees_with_transformers_in_bf16_on_cuda(lengths, 
         # not bitwise: the kept half's graph is fused differently, so bf16 rounds elsewhere (up to
         # 1.3% measured on the H100); a tensor of another layer or step would be off by far more
         assert float((ours[name] - g).norm() / g.norm()) < 3e-2, name
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_sliding_window_in_the_flash_kernel_equals_the_masked_attention_on_cuda(gqa):
+    """A window through flash varlen attention (bf16) against the banded mask (fp32, SDPA one
+    sequence at a time): the same outputs and gradients to bf16 rounding."""
+    torch.manual_seed(0)
+    heads, d, window = 8, 64, 48
+    kv = 2 if gqa else heads
+    lengths = [200, 31, 120]  # longer and shorter than the window
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    flat = varlen.Flat(None, None, None, cu, max(lengths))
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, h, d, device="cuda") for h in (heads, kv, kv))
+    grad = torch.randn(total, heads, d, device="cuda")
+
+    def run(dtype):
+        q_, k_, v_ = (t.to(dtype).requires_grad_() for t in (q, k, v))
+        out = varlen.attention(q_, k_, v_, flat, d**-0.5, window=window)
+        out.backward(grad.to(dtype))
+        return [t.float() for t in (out, q_.grad, k_.grad, v_.grad)]
+
+    assert "window_size" in varlen._CAUSAL, "this torch's varlen_attn takes no window"
+    full = varlen.attention(q, k, v, flat, d**-0.5)
+    for ours, want in zip(run(torch.bfloat16), run(torch.float32), strict=True):
+        assert float((ours - want).norm() / want.norm()) < 1e-2
+    assert float((run(torch.float32)[0] - full).norm() / full.norm()) > 1e-2  # the window mattered
 
 
 @pytest.mark.parametrize("gqa", [False, True])

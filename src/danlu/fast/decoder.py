@@ -23,12 +23,13 @@ from danlu.fast import Options, kernels, lora
 from danlu.fast.offload import Offloader
 from danlu.fast.varlen import Flat, attention
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 """model_type values whose decoder layers are exactly: RMSNorm, attention with rotary embedding
-(no sliding window; Qwen3's RMSNorm over each query and key head before the rotary embedding),
-residual, RMSNorm, SwiGLU MLP, residual. Each is checked equal to transformers' forward
-(tests/test_fast_decoder.py), and every run checks its loss against the model's own on its first
-samples before training (danlu.train.fast_loss_agrees)."""
+(Qwen3's RMSNorm over each query and key head before the rotary embedding; Phi-3's query, key and
+value from one fused projection; a sliding window where the config sets one), residual, RMSNorm,
+SwiGLU MLP (Phi-3's gate and up from one fused projection), residual. Each is checked equal to
+transformers' forward (tests/test_fast_decoder.py), and every run checks its loss against the
+model's own on its first samples before training (danlu.train.fast_loss_agrees)."""
 
 
 def supports(lm: Any) -> bool:
@@ -37,31 +38,52 @@ def supports(lm: Any) -> bool:
     if (
         getattr(config, "model_type", None) not in ARCHITECTURES
         or getattr(config, "hidden_act", None) != "silu"
+        or _dropout(config)
     ):
         return False
-    window = getattr(config, "sliding_window", None) is not None and getattr(
-        config, "use_sliding_window", True
-    )
-    if window or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
-        return False
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
+        return False  # rotary over part of each head (Phi-4-mini): not written here
     decoder = lm.get_decoder()
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
     if not all(hasattr(decoder, n) for n in needed):
         return False
-    for layer in decoder.layers:
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if attn is None or mlp is None or getattr(attn, "sliding_window", None) is not None:
-            return False
-        if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
-            return False
-        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-            return False
-        if not hasattr(layer, "input_layernorm") or hasattr(attn, "q_norm") != hasattr(attn, "k_norm"):
-            return False
-        norms = [getattr(attn, n) for n in ("q_norm", "k_norm") if hasattr(attn, n)]
-        if not all(hasattr(m, "weight") and hasattr(m, "variance_epsilon") for m in norms):
-            return False
-    return True
+    return all(_layer_known(layer) for layer in decoder.layers)
+
+
+def _dropout(config: Any) -> bool:
+    """Whether training would drop anything inside the decoder (attention weights, Phi-3's residual
+    branches or embeddings): this decoder applies no dropout, so those models take transformers' path."""
+    names = ("attention_dropout", "resid_pdrop", "embd_pdrop", "hidden_dropout")
+    return any(float(getattr(config, n, 0.0) or 0.0) > 0.0 for n in names)
+
+
+def _layer_known(layer: Any) -> bool:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None or not hasattr(layer, "input_layernorm"):
+        return False
+    split = all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj"))
+    if not (split or hasattr(attn, "qkv_proj")) or not all(
+        hasattr(attn, n) for n in ("o_proj", "head_dim", "scaling")
+    ):
+        return False
+    if not (all(hasattr(mlp, n) for n in ("gate_proj", "up_proj")) or hasattr(mlp, "gate_up_proj")):
+        return False
+    if not hasattr(mlp, "down_proj") or hasattr(attn, "q_norm") != hasattr(attn, "k_norm"):
+        return False
+    window = sliding_window(attn)
+    if window is not None and (not isinstance(window, int) or window < 1):
+        return False
+    norms = [getattr(attn, n) for n in ("q_norm", "k_norm") if hasattr(attn, n)]
+    return all(hasattr(m, "weight") and hasattr(m, "variance_epsilon") for m in norms)
+
+
+def sliding_window(attn: Any) -> int | None:
+    """How many tokens each query of this attention layer sees (itself included), or None for all
+    before it: the layer's own setting (Qwen2/Qwen3 set it per layer), else its config's (Mistral, Phi-3)."""
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(getattr(attn, "config", None), "sliding_window", None)
 
 
 def hidden_states(lm: Any, flat: Flat, options: Options) -> torch.Tensor:
@@ -255,13 +277,19 @@ def _attention_half(
 ) -> torch.Tensor:
     attn = layer.self_attn
     h = ops.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-    q, k, v = ops.project([attn.q_proj, attn.k_proj, attn.v_proj], h)
+    if hasattr(attn, "qkv_proj"):  # Phi-3: one projection, queries then keys then values
+        q_size = attn.config.num_attention_heads * attn.head_dim
+        kv_size = attn.num_key_value_heads * attn.head_dim
+        q, k, v = ops.project([attn.qkv_proj], h)[0].split([q_size, kv_size, kv_size], dim=-1)
+    else:
+        q, k, v = ops.project([attn.q_proj, attn.k_proj, attn.v_proj], h)
     q, k = q.unflatten(-1, (-1, attn.head_dim)), k.unflatten(-1, (-1, attn.head_dim))
     if hasattr(attn, "q_norm"):  # Qwen3: each head's query and key normed before the rotary embedding
         q = ops.rms_norm(q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
         k = ops.rms_norm(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
     q, k = ops.rope(q, k, cos, sin)
-    o = attention(q, k, v.unflatten(-1, (-1, attn.head_dim)), flat, attn.scaling, ops.dense)
+    v = v.unflatten(-1, (-1, attn.head_dim))
+    o = attention(q, k, v, flat, attn.scaling, ops.dense, sliding_window(attn))
     return x + ops.project([attn.o_proj], o.flatten(-2))[0]
 
 
@@ -270,7 +298,10 @@ def _mlp_half(
 ) -> torch.Tensor:
     mlp, norm = layer.mlp, layer.post_attention_layernorm
     h = ops.rms_norm(x, norm.weight, norm.variance_epsilon)
-    gate, up = ops.project([mlp.gate_proj, mlp.up_proj], h)
+    if hasattr(mlp, "gate_up_proj"):  # Phi-3: one projection, the gate's half first
+        gate, up = ops.project([mlp.gate_up_proj], h)[0].chunk(2, dim=-1)
+    else:
+        gate, up = ops.project([mlp.gate_proj, mlp.up_proj], h)
     return x + ops.project([mlp.down_proj], ops.swiglu(gate, up))[0]
 
 

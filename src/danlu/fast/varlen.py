@@ -60,16 +60,26 @@ def flatten(batch: dict[str, torch.Tensor]) -> Flat:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flat: Flat, scale: float, dense: bool = True
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    flat: Flat,
+    scale: float,
+    dense: bool = True,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention within each sequence: ``q`` [T, heads, d], ``k``/``v`` [T, kv heads, d].
-    ``dense``: sequences of equal length go through cuDNN as an ordinary batch."""
+    ``dense``: sequences of equal length go through cuDNN as an ordinary batch. ``window``: each
+    query sees only the last ``window`` tokens (itself included), as transformers' sliding-window
+    mask has it (``kv > q - window``); no sequence longer than the window, no effect."""
     # under autocast the projections come out in the autocast dtype, but rotary angles kept in fp32
     # (fp32 weights: full fine-tuning) promote q and k back; flash attention takes fp16/bf16 only
     dtype = compute_dtype(q)
-    if dense and q.is_cuda and dtype in (torch.float16, torch.bfloat16) and uniform(flat, q.shape[0]):
+    window = window if window is not None and flat.max_len > window else None
+    flash = q.is_cuda and dtype in (torch.float16, torch.bfloat16)
+    if window is None and dense and flash and uniform(flat, q.shape[0]):
         return _dense(q.to(dtype), k.to(dtype), v.to(dtype), flat.cu_seqlens.numel() - 1, scale)
-    if q.is_cuda and _varlen_attn is not None and dtype in (torch.float16, torch.bfloat16):
+    if flash and _varlen_attn is not None and (window is None or "window_size" in _CAUSAL):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return _varlen_attn(
             q,
@@ -79,7 +89,7 @@ def attention(
             flat.cu_seqlens,
             flat.max_len,
             flat.max_len,
-            **_causal(q, k),
+            **_causal(q, k, window),
             scale=scale,
         )
     gqa = q.shape[1] != k.shape[1]
@@ -87,9 +97,19 @@ def attention(
     parts = []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         q_, k_, v_ = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=scale, enable_gqa=gqa)
+        mask = _band(end - start, window, q.device) if window is not None and end - start > window else None
+        out = F.scaled_dot_product_attention(
+            q_, k_, v_, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
+        )
         parts.append(out[0].transpose(0, 1))
     return torch.cat(parts)
+
+
+def _band(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """[length, length] True where query i may see key j: j <= i and i - j < window."""
+    i = torch.arange(length, device=device)
+    gap = i[:, None] - i[None, :]
+    return (gap >= 0) & (gap < window)
 
 
 def uniform(flat: Flat, tokens: int) -> bool:
@@ -133,6 +153,9 @@ _CAUSAL = _causal_keywords()  # read once here, not in every layer's call (nor i
 _HAS_GQA_FLAG = _varlen_attn is not None and "enable_gqa" in inspect.signature(_varlen_attn).parameters
 
 
-def _causal(q: torch.Tensor, k: torch.Tensor) -> dict[str, Any]:
+def _causal(q: torch.Tensor, k: torch.Tensor, window: int | None = None) -> dict[str, Any]:
+    """varlen_attn's keywords: causal, over the last ``window`` keys where one is given (flash
+    attention's left bound counts the keys before the query: ``window - 1``)."""
     gqa = _HAS_GQA_FLAG and q.shape[1] != k.shape[1]
-    return {**_CAUSAL, "enable_gqa": True} if gqa else _CAUSAL
+    keywords = {"window_size": (window - 1, 0)} if window is not None else _CAUSAL
+    return {**keywords, "enable_gqa": True} if gqa else keywords
