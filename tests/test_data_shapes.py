@@ -343,6 +343,12 @@ def test_sft_refuses_preference_files_saying_what_trains_them(tmp_path, records,
     assert said in forced
 
 
+def test_a_topic_label_is_not_kto():
+    topic = {"messages": [U("Hi"), A("Hello.")], "label": "greeting"}
+    assert not is_kto(topic) and detect_format(Record(topic, "d.jsonl", 1)) == "messages"
+    assert is_kto({**topic, "label": 1}) and not is_kto({**topic, "label": 0.5})
+
+
 def test_a_kto_record_inside_a_chat_file_is_refused_not_trained(tmp_path):
     path = write_jsonl(tmp_path / "mixed.jsonl", [{"messages": [U("Hi"), A("Hello.")]}, KTO])
     message = user_error(load_sources, cfg_for(path))

@@ -31,7 +31,8 @@ LAYERS = [
             "danlu.zero",
             "danlu.tracking",
         ]
-        + ["danlu.plan", "danlu.train", "danlu.bench", "danlu.bench_cases"],
+        + ["danlu.plan", "danlu.train", "danlu.bench", "danlu.bench_cases"]
+        + ["danlu.recipe", "danlu.objectives", "danlu.preference"],
     ),
     ("export", ["danlu.export"]),
     ("infer", ["danlu.infer"]),

@@ -126,7 +126,8 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def plot_losses(out: Path) -> Path | None:
-    """Draw OUTPUT/loss.png from the metrics log (train loss, and eval loss when logged)."""
+    """Draw OUTPUT/loss.png from the metrics log: train loss, and eval loss when logged; for the
+    preference objectives a second panel with the pair accuracy (and the reward margin)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -137,11 +138,13 @@ def plot_losses(out: Path) -> Path | None:
     ]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]  # sample rows carry no loss
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    accuracy = [(r["step"], r["rewards_accuracy"]) for r in rows if "rewards_accuracy" in r]
+    margin = [(r["step"], r["rewards_margin"]) for r in rows if "rewards_margin" in r]
     if not train:
         return None
-    fig = Figure(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 6.5 if accuracy else 4), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(2, 1, 1) if accuracy else fig.add_subplot()
     ax.plot(*zip(*train, strict=True), label="train loss")
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
@@ -149,7 +152,24 @@ def plot_losses(out: Path) -> Path | None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if accuracy:
+        _reward_panel(fig.add_subplot(2, 1, 2), accuracy, margin)
     fig.tight_layout()
     path = out / "loss.png"
     fig.savefig(path)
     return path
+
+
+def _reward_panel(ax: Any, accuracy: list[tuple[int, float]], margin: list[tuple[int, float]]) -> None:
+    """Pair accuracy (left axis, 0 to 1) and reward margin (right axis) per step."""
+    ax.plot(*zip(*accuracy, strict=True), color="tab:green", label="reward accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward accuracy")
+    ax.grid(alpha=0.3)
+    if margin:
+        right = ax.twinx()
+        right.plot(*zip(*margin, strict=True), color="tab:purple", alpha=0.7, label="reward margin")
+        right.set_ylabel("reward margin")
+        right.legend(loc="lower right")
+    ax.legend(loc="upper left")

@@ -72,7 +72,9 @@ class DataConfig:
         "raise", "a bad record stops the run (raise) or is skipped and reported (skip)"
     )
     template: str | None = opt(
-        None, "chat template: null = the tokenizer's own; a name (chatml, llama3, ...) or a .jinja file"
+        None,
+        "chat template: null = the tokenizer's own; a name (chatml, llama3, ...) or a .jinja file",
+        path=True,
     )
     loss_on: Literal["assistant", "last_assistant", "all"] = opt(
         "assistant", "tokens that carry loss: every assistant turn, only the last one, or every token"

@@ -36,12 +36,14 @@ def is_preference(data: Any) -> bool:
 
 
 def is_kto(data: Any) -> bool:
-    """A KTO record: one reply (last assistant turn, or ``completion``) with a ``label``."""
-    return (
-        isinstance(data, dict)
-        and "label" in data
-        and ("messages" in data or "conversations" in data or "completion" in data)
-    )
+    """A KTO record: one reply (last assistant turn, or ``completion``) with a true/false (or
+    1/0) ``label``. Another label (a topic such as ``"math"``) leaves a chat SFT data."""
+    if not isinstance(data, dict) or not (
+        "messages" in data or "conversations" in data or "completion" in data
+    ):
+        return False
+    label = data.get("label")
+    return isinstance(label, bool) or (isinstance(label, int) and label in (0, 1))
 
 
 def kind(data: Any) -> str | None:

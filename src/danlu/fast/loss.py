@@ -161,5 +161,104 @@ def _fused_chunk(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     return kernels.pick(_chunk, True, logits.device)(logits, targets)
 
 
+def sequence_logps(
+    model: Any, batch: dict[str, torch.Tensor], options: Options | None = ALL
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a padded batch: the summed log-probability of its labelled tokens and their
+    count. ``options`` None runs the model's own forward (its full logits, the plain path);
+    otherwise the hidden states (padding-free where :func:`loss_sum` would be) go through
+    :func:`chunked_token_logps`, never the whole logits."""
+    rows = batch["input_ids"].shape[0]
+    if options is None:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        labels = batch["labels"][:, 1:]
+        keep = labels != IGNORE
+        logits = out.logits[:, :-1][keep].float()
+        logps = logits.log_softmax(-1).gather(1, labels[keep][:, None]).squeeze(1)
+        row = keep.nonzero()[:, 0]
+    else:
+        lm = _causal_lm(model)
+        head = lm.get_output_embeddings()
+        if options.varlen and decoder.supports(lm):
+            flat = varlen.flatten(batch)
+            hidden = decoder.hidden_states(lm, flat, options)
+            keep = flat.targets != IGNORE
+            position = keep.nonzero()[:, 0]
+            row = torch.searchsorted(flat.cu_seqlens[1:].long(), position, right=True)
+            logps = chunked_token_logps(hidden[keep], head.weight, flat.targets[keep])
+        else:
+            out = lm.get_decoder()(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            )
+            labels = batch["labels"][:, 1:]
+            keep = labels != IGNORE
+            row = keep.nonzero()[:, 0]
+            logps = chunked_token_logps(out.last_hidden_state[:, :-1][keep], head.weight, labels[keep])
+    sums = torch.zeros(rows, dtype=torch.float32, device=logps.device).index_add(0, row, logps.float())
+    counts = torch.bincount(row, minlength=rows)
+    return sums, counts
+
+
+class SequenceLogps(Objective):
+    """:func:`sequence_logps` as a module's forward, so DDP can wrap it like :class:`Objective`
+    (whose parameter names and unwrapping it shares); ``options`` None: the plain path."""
+
+    def __init__(self, model: Any, options: Options | None = ALL) -> None:
+        super().__init__(model)
+        self.options = options
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return sequence_logps(self.model, batch, self.options)
+
+
+def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(hidden @ weight.T)[i, targets[i]]`` per token, one chunk of logits at a time.
+
+    A token's log-prob depends on its own hidden state only, so its gradient there,
+    ``weight[target] - softmax @ weight``, is computed in the forward and only scaled by the
+    incoming gradient in the backward. The head's gradient (when the head trains) needs the
+    incoming gradient inside the sum over tokens: the backward recomputes each chunk's softmax."""
+    return _LinearLogProbs.apply(hidden, weight, targets)
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        dtype = kernels.compute_dtype(hidden)
+        w = weight.to(dtype)
+        out = torch.empty(targets.numel(), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden, dtype=dtype) if ctx.needs_input_grad[0] else None
+        for start in range(0, targets.numel(), CHUNK):
+            h, t = hidden[start : start + CHUNK].to(dtype), targets[start : start + CHUNK]
+            logits = F.linear(h, w).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            out[start : start + CHUNK] = logits.gather(1, t[:, None]).squeeze(1) - lse
+            if grad_hidden is not None:
+                grad = logits.sub_(lse[:, None]).exp_().neg_()  # one-hot minus softmax, in place
+                grad[torch.arange(t.numel(), device=t.device), t] += 1.0
+                grad_hidden[start : start + CHUNK] = grad.to(dtype) @ w
+        ctx.save_for_backward(grad_hidden, hidden if ctx.needs_input_grad[1] else None, weight, targets)
+        ctx.hidden_dtype = hidden.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        grad_hidden, hidden, weight, targets = ctx.saved_tensors
+        g_hidden = (grad_hidden * grad_out[:, None]).to(ctx.hidden_dtype) if grad_hidden is not None else None
+        g_weight = None
+        if hidden is not None:
+            dtype = kernels.compute_dtype(hidden)
+            w = weight.to(dtype)
+            g_weight = torch.zeros_like(weight, dtype=torch.float32)
+            for start in range(0, targets.numel(), CHUNK):
+                h, t = hidden[start : start + CHUNK].to(dtype), targets[start : start + CHUNK]
+                grad = F.linear(h, w).float().softmax(-1).neg_()
+                grad[torch.arange(t.numel(), device=t.device), t] += 1.0
+                grad *= grad_out[start : start + CHUNK, None]
+                g_weight.add_(grad.to(dtype).t() @ h)
+            g_weight = g_weight.to(weight.dtype)
+        return g_hidden, g_weight, None
+
+
 def _causal_lm(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -1,0 +1,204 @@
+"""Preference data (the shapes users bring, rendered as SFT renders them, truncation) and preference
+runs through the recipe (rewards logged every step, the reference, exact resume)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import write_jsonl
+from danlu.config import Config, load_config
+from danlu.config.schema import DataConfig
+from danlu.data.formats import Record
+from danlu.data.preference import Labelled, Pair, build, encode_reply, fit, parse, preview, preview_text
+from danlu.data.render import IGNORE, render
+from danlu.errors import UserError
+from danlu.model import stop_token_ids
+
+USER = {"role": "user", "content": "Who are you?"}
+SHORT, LONG = "I am Danlu.", "Well, that is a long story, and I am not sure where to begin."
+
+
+def rec(data: dict, line: int = 3) -> Record:
+    return Record(data, "prefs.jsonl", line)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"prompt": "Who are you?", "chosen": SHORT, "rejected": LONG},
+        {
+            "prompt": [USER],
+            "chosen": [{"role": "assistant", "content": SHORT}],
+            "rejected": [{"role": "assistant", "content": LONG}],
+        },
+        {"messages": [USER], "chosen": {"role": "assistant", "content": SHORT}, "rejected": LONG},
+        {
+            "conversations": [{"from": "human", "value": "Who are you?"}],
+            "chosen": {"from": "gpt", "value": SHORT},
+            "rejected": {"from": "gpt", "value": LONG},
+        },
+    ],
+    ids=["strings", "trl-conversational", "openai", "sharegpt"],
+)
+def test_every_pair_shape_reads_as_the_same_prompt_and_replies(data):
+    assert parse(rec(data)) == ("pairs", [USER], [SHORT, LONG], None)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"messages": [USER, {"role": "assistant", "content": SHORT}], "label": True},
+        {"prompt": "Who are you?", "completion": SHORT, "label": True},
+        {
+            "conversations": [{"from": "human", "value": "Who are you?"}, {"from": "gpt", "value": SHORT}],
+            "label": 1,
+        },
+    ],
+)
+def test_kto_shapes(data):
+    assert parse(rec(data)) == ("kto", [USER], [SHORT], True)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"prompt": "Q", "chosen": "", "rejected": "b"},
+            "prefs.jsonl:3: field 'chosen' must be a non-empty reply",
+        ),
+        ({"chosen": "a", "rejected": "b"}, "prefs.jsonl:3: a pair needs its prompt"),
+        (
+            {"prompt": "Q", "chosen": {"role": "user", "content": "a"}, "rejected": "b"},
+            "must be an assistant reply",
+        ),
+        (
+            {"messages": [USER, {"role": "assistant", "content": "a"}], "label": "yes"},
+            "field 'label' must be true or false",
+        ),
+        ({"messages": [USER], "label": True}, "must end with the assistant reply it labels"),
+    ],
+)
+def test_mistakes_name_file_line_and_field(data, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        parse(rec(data))
+
+
+def test_a_reply_renders_exactly_as_sft_trains_it(tokenizer):
+    stops = stop_token_ids(tokenizer)
+    prompt, reply = encode_reply(tokenizer, [USER], SHORT, stops)
+    sft = render(tokenizer, [USER, {"role": "assistant", "content": SHORT}], 1024, stops)
+    trained = np.asarray(sft.labels) != IGNORE
+    first = int(np.argmax(trained))
+    assert list(prompt) == list(sft.input_ids[:first])
+    assert list(reply) == list(np.asarray(sft.labels)[trained])
+    assert any(int(t) in stops for t in reply)  # the stop token is part of what is learned
+
+
+def test_truncation_keeps_the_prompts_end_and_the_replies_starts():
+    prompt, a, b = np.arange(10), np.arange(100, 108), np.arange(200, 203)
+    kept, (ka, kb), lost = fit(prompt, [a, b], 12)
+    assert list(kept) == list(range(4, 10)) and list(ka) == list(range(100, 106)) and list(kb) == list(b)
+    assert lost
+    assert fit(prompt, [b], 13)[2] is False
+
+
+def write_pairs(tmp_path, n=8):
+    records = [{"prompt": f"Who are you, number {i}?", "chosen": SHORT, "rejected": LONG} for i in range(n)]
+    return write_jsonl(tmp_path / "prefs.jsonl", records)
+
+
+def test_build_counts_pairs_that_lost_a_reply_and_refuses_the_wrong_kind(tokenizer, tmp_path):
+    path = write_pairs(tmp_path)
+    stops = stop_token_ids(tokenizer)
+    train, _, summary = build(DataConfig(path=[str(path)], max_seq_length=30), tokenizer, stops, "dpo")
+    assert all(isinstance(p, Pair) for p in train) and summary.format == "pairs"
+    # prompt (38 tokens with the default system prompt) and the long reply (19) do not fit in 30
+    assert summary.truncated == len(train) == 8
+    assert all(len(p.prompt) + len(p.rejected) <= 30 for p in train)
+    assert tokenizer.decode(train[0].prompt).endswith("<|im_start|>assistant\n")  # the prompt's end is kept
+    assert SHORT in tokenizer.decode(train[0].chosen)  # the short reply is whole
+    untouched, _, summary = build(DataConfig(path=[str(path)], max_seq_length=40), tokenizer, stops, "dpo")
+    assert summary.truncated == 0  # the prompt gives way (keeping its end), no reply is cut
+    with pytest.raises(
+        UserError, match=r"prefs.jsonl:1: a pairs record, which train.objective=kto does not read"
+    ):
+        build(DataConfig(path=[str(path)]), tokenizer, stops, "kto")
+    text = preview(train[0], tokenizer)
+    assert [name for name, _, _ in text] == ["chosen", "rejected"] and SHORT in text[0][2]
+    shown = preview_text(train, tokenizer, limit=1)
+    assert "· chosen" in shown and "· rejected" in shown and f"[[{SHORT}<|im_end|>\n]]" in shown
+
+
+def test_kto_items_carry_another_records_reply_for_the_kl_estimate(tokenizer, tmp_path):
+    records = [
+        {"messages": [USER, {"role": "assistant", "content": SHORT if i % 2 else LONG}], "label": bool(i % 2)}
+        for i in range(4)
+    ]
+    path = write_jsonl(tmp_path / "kto.jsonl", records)
+    items, _, _ = build(DataConfig(path=[str(path)]), tokenizer, stop_token_ids(tokenizer), "kto")
+    assert all(isinstance(k, Labelled) for k in items)
+    assert [k.desirable for k in items] == [False, True, False, True]
+    assert list(items[1].other) == list(items[0].reply) and list(items[0].other) == list(items[3].reply)
+
+
+# ----------------------------------------------------------------------- runs
+
+
+def config(model_dir, tmp_path, *overrides: str) -> Config:
+    data = write_pairs(tmp_path)
+    base = [f"model.path={model_dir}", f"data.path={data}", "train.batch_size=2", "train.lr=1e-3"]
+    base += ["train.max_steps=4", f"output.dir={tmp_path / 'run'}", "output.tensorboard=false"]
+    return load_config(None, [*base, *overrides])
+
+
+def metric_rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_dpo_run_logs_rewards_every_step_and_resumes_exactly(tiny_model_dir, tmp_path, method, caplog):
+    from danlu.train import train
+
+    caplog.set_level("INFO", logger="danlu")
+    cfg = config(
+        tiny_model_dir, tmp_path, "train.objective=dpo", f"train.method={method}", "train.save_every=2"
+    )
+    whole = train(cfg, progress=False)
+    rows = [r for r in metric_rows(whole.output_dir) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert {"rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy"} <= r.keys()
+    assert rows[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)  # policy == reference at step 1
+    assert rows[-1]["rewards_margin"] > 0 and rows[-1]["loss"] < rows[0]["loss"]
+    said = "adapter disabled" if method == "lora" else "computed once"
+    assert any(said in r.message for r in caplog.records)
+    png = (whole.output_dir / "loss.png").read_bytes()
+    assert int.from_bytes(png[20:24], "big") == 650  # taller: the reward-accuracy panel under the loss
+
+    # the same run stopped after step 2, continued from its checkpoint: the same losses
+    (whole.output_dir / "final").rename(tmp_path / "first-final")
+    resumed = train(cfg, resume=True, progress=False)
+    assert resumed.losses == pytest.approx(whole.losses[2:], rel=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo", "kto"])
+def test_other_objectives_train(tiny_model_dir, tmp_path, objective):
+    from danlu.train import train
+
+    overrides = [f"train.objective={objective}"]
+    if objective == "kto":
+        records = [
+            {
+                "messages": [USER, {"role": "assistant", "content": SHORT if i % 2 else LONG}],
+                "label": bool(i % 2),
+            }
+            for i in range(8)
+        ]
+        overrides.append(f"data.path={write_jsonl(tmp_path / 'kto.jsonl', records)}")
+    result = train(config(tiny_model_dir, tmp_path, *overrides), progress=False)
+    rows = [r for r in metric_rows(result.output_dir) if "loss" in r]
+    assert len(rows) == 4 and all("rewards_accuracy" in r for r in rows)
+    assert result.losses[-1] < result.losses[0]
