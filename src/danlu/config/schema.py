@@ -141,6 +141,18 @@ class TrainConfig:
     method: Literal["lora", "full", "freeze"] = opt(
         "lora", "what trains: a LoRA adapter, every weight (full), or only the last layers (freeze)"
     )
+    objective: Literal["sft", "dpo", "orpo", "simpo", "kto"] = opt(
+        "sft",
+        "what is learned: sft (the replies themselves); from preference data (docs/preference.md): dpo, "
+        "orpo, simpo (chosen over rejected replies), kto (replies labelled good or bad)",
+    )
+    beta: float | None = opt(
+        None, "preference strength (DPO/KTO β, SimPO β, ORPO λ); null: the paper's, 0.1 (SimPO 2.0)"
+    )
+    label_smoothing: float = opt(0.0, "dpo/simpo: chance that a pair's label is wrong (conservative DPO)")
+    simpo_gamma: float = opt(1.0, "simpo: target reward margin γ (the paper's γ/β = 0.5 at β = 2)")
+    kto_desirable_weight: float = opt(1.0, "kto: weight of the desirable replies' loss")
+    kto_undesirable_weight: float = opt(1.0, "kto: weight of the undesirable replies' loss")
     freeze_layers: int = opt(2, "method freeze: train the last N decoder layers")
     freeze_modules: list[str] = opt(
         [], "method freeze: only parameters whose name contains one of these, e.g. [mlp]; empty: whole layers"
