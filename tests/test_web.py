@@ -53,6 +53,41 @@ def test_history_and_system_prompt_become_engine_messages():
         {"role": "user", "content": "again"},
     ]
     assert to_messages("x", [], "") == [{"role": "user", "content": "x"}]
+    thought = {"role": "assistant", "content": "let me think", "metadata": {"title": "Thinking"}}
+    answer = {"role": "assistant", "content": "hello", "metadata": None}
+    assert to_messages("x", [history[0], thought, answer], "")[1:] == [
+        {"role": "assistant", "content": "hello"},  # the reasoning shown on the page is not said again
+        {"role": "user", "content": "x"},
+    ]
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_reasoning_reply_shows_its_thinking_apart_from_the_answer(inside):
+    import asyncio
+
+    from danlu.app.web import THINKING, stream_view
+    from danlu.infer import Delta, Generation
+
+    def scripted(text: str, open_: bool = False) -> Generation:
+        gen = Generation(prompt_tokens=3)
+        gen.reasoning_open = open_
+        for i in range(0, len(text), 2):
+            gen._push(Delta(text[i : i + 2]))
+        gen._finish("stop")
+        return gen
+
+    async def views(gen: Generation) -> list:
+        return [v async for v in stream_view(gen)]
+
+    text = ("" if inside else "<think>\n") + "Greeting: answer in kind.\n</think>\n\nHello! 你好"
+    shown = asyncio.run(views(scripted(text, inside)))
+    assert shown[-1] == [
+        {"role": "assistant", "content": "Greeting: answer in kind.", "metadata": {"title": THINKING}},
+        {"role": "assistant", "content": "Hello! 你好"},
+    ]
+    assert not any("<think>" in str(v) or "</think>" in str(v) for v in shown)
+    assert asyncio.run(views(scripted("<think>\n\n</think>\n\nJust this.")))[-1] == "Just this."
+    assert asyncio.run(views(scripted("No block.")))[-1] == "No block."
 
 
 def test_sliders_reach_generation_as_floats_within_range():

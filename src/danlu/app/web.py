@@ -1,6 +1,7 @@
 """`danlu web`: a Gradio chat page over :class:`danlu.infer.Engine`.
 
-Streamed replies with Send and Stop, multi-turn history, a system-prompt box, sampling sliders
+Streamed replies with Send and Stop (a reasoning model's ``<think>`` block in a collapsible
+"Thinking" box above the answer), multi-turn history, a system-prompt box, sampling sliders
 (values clamped to what generation takes), and the loaded model and adapter named at the top.
 With an adapter: a picker (adapter or bare base) and a Compare tab answering with both side by
 side. A request the model refuses (e.g. its template takes no system prompt) shows as one line.
@@ -45,6 +46,8 @@ def to_messages(message: str, history: list[dict], system: str) -> list[dict]:
     """The conversation as the engine takes it: optional system prompt, past turns, new message."""
     messages = [{"role": "system", "content": system.strip()}] if system.strip() else []
     for turn in history:
+        if (turn.get("metadata") or {}).get("title"):  # a reply's reasoning, shown apart: not said
+            continue
         if turn.get("role") in ("user", "assistant"):
             messages.append({"role": turn["role"], "content": content_text(turn.get("content"))})
     messages.append({"role": "user", "content": message})
@@ -62,6 +65,32 @@ def clamped(defaults: GenerationSettings, temperature: Any, top_p: Any, max_new:
 
 
 BASE, TUNED = "base model", "adapter"
+THINKING = "Thinking"
+
+
+def reply_view(reasoning: str, answer: str) -> str | list[dict]:
+    """A reply as the chat shows it: the answer, after the reasoning in a collapsible box if any."""
+    if not reasoning.strip():
+        return answer
+    return [
+        {"role": "assistant", "content": reasoning.strip(), "metadata": {"title": THINKING}},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+async def stream_view(gen: Any) -> AsyncIterator[str | list[dict]]:
+    """The reply as it grows, its ``<think>`` block split from the answer (see :func:`reply_view`)."""
+    from danlu.infer.reasoning import ReasoningSplitter
+
+    splitter = ReasoningSplitter(gen.reasoning_open)
+    reasoning = answer = ""
+    async for delta in gen.deltas_async():  # Stop cancels this: the reply stops at the next token
+        r, a = splitter.feed(delta.text)
+        reasoning, answer = reasoning + r, answer + a
+        yield reply_view(reasoning, answer)
+    r, a = splitter.flush()
+    if r or a:
+        yield reply_view(reasoning + r, answer + a)
 
 
 def build_demo(engine: Engine, defaults: GenerationSettings, label: str) -> Any:
@@ -85,13 +114,11 @@ def build_demo(engine: Engine, defaults: GenerationSettings, label: str) -> Any:
         top_p: float,
         max_new: int,
         which: str = TUNED,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[str | list[dict]]:
         settings = clamped(defaults, temperature, top_p, max_new)
         gen = start(to_messages(message, history, system), settings, which != BASE)
-        text = ""
-        async for delta in gen.deltas_async():  # Stop cancels this: the reply stops at the next token
-            text += delta.text
-            yield text
+        async for view in stream_view(gen):
+            yield view
 
     async def compare(
         message: str, base: list, tuned: list, system: str, temperature: float, top_p: float, max_new: int
