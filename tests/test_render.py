@@ -79,7 +79,7 @@ def test_token_ranges_from_the_span_edges_equal_those_from_every_offset(tokenize
 
     import numpy as np
 
-    from danlu.data.render import _range_from_starts, _token_range
+    from danlu.data.encoding import _range_from_starts, _token_range
 
     rng = random.Random(0)
     pieces = [
