@@ -368,6 +368,20 @@ def test_check_verdict_refuses_preference_file_and_reads_the_rest(capsys, tmp_pa
     )
 
 
+def test_check_and_preview_read_preference_files_as_the_objective_does(capsys, tmp_path, default_model_dir):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [PAIR, {**PAIR, "prompt": "Hello?"}])
+    code, out, err = run(capsys, "data", "check", pairs, "--model", default_model_dir, "--objective", "dpo")
+    assert code == 0, err
+    assert re.search(
+        r"verdict:    preference pairs for train.objective=dpo: 2 pairs records → 2 samples", out
+    )
+    code, out, err = run(
+        capsys, "data", "preview", pairs, "--model", default_model_dir, "--objective", "dpo", "-n", "1"
+    )
+    assert code == 0, err
+    assert "[[Hello!<|im_end|>\n]]" in out and "[[Go away.<|im_end|>\n]]" in out
+
+
 # ------------------------------------------------------------------- loss weights
 
 

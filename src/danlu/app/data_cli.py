@@ -112,7 +112,25 @@ def _print_reports(found: list[Inspection]) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    if args.objective != "sft":
+        return _preference(args, preview=False)
     _print_reports(_inspect_all(args))
+    return 0
+
+
+def _preference(args: argparse.Namespace, preview: bool) -> int:
+    """``check`` / ``preview`` of preference data, read as ``train.objective=OBJECTIVE`` reads it."""
+    from danlu.data import preference
+
+    cfg = _data_config(args)
+    tokenizer, stop_ids = _tokenizer(args, cfg)
+    items, _, summary = preference.build(cfg, tokenizer, stop_ids, args.objective)
+    if preview:
+        print(preference.preview_text(items, tokenizer, limit=max(args.n, 0)))
+        return 0
+    what = "labelled replies (KTO)" if args.objective == "kto" else "preference pairs"
+    line = summary.line().removeprefix(f"{summary.path}: ")
+    print(f"{summary.path}\n  verdict:    {what} for train.objective={args.objective}: {line}")
     return 0
 
 
@@ -151,6 +169,8 @@ def plot_lengths(groups: dict[str, list[int]], max_length: int, bins: int, out: 
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
+    if args.objective != "sft":
+        return _preference(args, preview=True)
     cfg = _data_config(args)
     tokenizer, stop_ids = _tokenizer(args, cfg)
     from danlu.data.dataset import load_conversations, tokenize_records
@@ -233,7 +253,17 @@ def _common(p: argparse.ArgumentParser) -> None:
         help=f"whose tokenizer to use (default {DEFAULT_MODEL}); only the tokenizer is loaded",
     )
     p.add_argument("--template", default=None, help="chat template name or .jinja file (→ data.template)")
-    p.set_defaults(overrides=[])
+    p.set_defaults(overrides=[], objective="sft")
+
+
+def _objective(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--objective",
+        choices=["sft", "dpo", "orpo", "simpo", "kto"],
+        default="sft",
+        help="read the files as this train.objective does (default sft; dpo/orpo/simpo: preference "
+        "pairs, kto: labelled replies)",
+    )
 
 
 def add_data_parser(sub: Any) -> None:
@@ -246,9 +276,11 @@ def add_data_parser(sub: Any) -> None:
     dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     c = dsub.add_parser("check", help="formats, records, turns, token lengths, truncation and problems")
     _common(c)
+    _objective(c)
     c.set_defaults(func=cmd_check)
     c = dsub.add_parser("preview", help="the exact rendered text of the first records, trained tokens marked")
     _common(c)
+    _objective(c)
     c.add_argument("-n", type=int, default=3, help="how many records to show (default 3)")
     c.add_argument("--plain", action="store_true", help="mark trained tokens with ⟦ ⟧ instead of colour")
     c.set_defaults(func=cmd_preview)
