@@ -201,6 +201,10 @@ def test_command_lines_are_the_clis(tmp_path):
     out.mkdir()
     assert bc.merge_args(Path("r/final"), out)[-1] == "--overwrite"  # the board's own folder, again
     assert bc.gguf_args(out, tmp_path / "m.gguf", "q8_0")[:3] == ["export", "gguf", "--model"]
+    assert bc.gguf_args(out, tmp_path / "m.gguf", "q8_0", "ollama")[:2] == ["export", "ollama"]
+    (tmp_path / "m.Modelfile").write_text("FROM m.gguf\n")  # a Modelfile there: replaced, when asked
+    assert bc.gguf_args(out, tmp_path / "m.gguf", "q8_0", "ollama")[-1] == "--overwrite"
+    assert bc.gguf_args(out, tmp_path / "m.gguf", "q8_0")[-1] == "q8_0"  # export gguf writes no Modelfile
     assert bc.serve_args("ada", Path("r/final"), 8001, adapter=True) == [
         "serve", "--adapter", "ada=r/final", "--port", "8001",
     ]  # fmt: skip
@@ -666,6 +670,13 @@ def test_the_journey_in_the_browser_model_data_train_try_ship(tiny_model_dir, tm
         expect(log).to_contain_text(f"$ danlu merge --adapter {runs}/identity/final --out {merged}")
         expect(log).to_contain_text(f"$ danlu export gguf --model {merged} --out {gguf} --type f16")
         assert (merged / "config.json").is_file() and gguf.stat().st_size > 100_000
+        page.locator("#ollama").click()  # the same GGUF again, with a Modelfile for `ollama create`
+        expect(log).to_contain_text(
+            f"$ danlu export ollama --model {merged} --out {gguf} --type f16 --overwrite",
+            timeout=60_000 * wait,
+        )
+        expect(log).to_contain_text("ollama create", timeout=300_000 * wait)
+        assert "FROM " in gguf.with_suffix(".Modelfile").read_text()
         port = free_port()
         field(page, "port").fill(str(port))
         page.locator("#serve").click()

@@ -310,18 +310,11 @@ def merge_args(final: Path, out: Path) -> list[str]:
     return ["merge", "--adapter", str(final), "--out", str(out), *(["--overwrite"] if out.exists() else [])]
 
 
-def gguf_args(model: Path, out: Path, qtype: str) -> list[str]:
-    return [
-        "export",
-        "gguf",
-        "--model",
-        str(model),
-        "--out",
-        str(out),
-        "--type",
-        qtype,
-        *(["--overwrite"] if out.exists() else []),
-    ]
+def gguf_args(model: Path, out: Path, qtype: str, target: str = "gguf") -> list[str]:
+    """``danlu export gguf`` (or ``export ollama``: the GGUF plus OUT_STEM.Modelfile next to it)."""
+    written = [out, out.with_suffix(".Modelfile")] if target == "ollama" else [out]
+    overwrite = ["--overwrite"] if any(p.exists() for p in written) else []
+    return ["export", target, "--model", str(model), "--out", str(out), "--type", qtype, *overwrite]
 
 
 def serve_args(name: str, final: Path, port: int, adapter: bool) -> list[str]:

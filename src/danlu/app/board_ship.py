@@ -97,7 +97,8 @@ class Ship:
     # --------------------------------------------------------------------------- 5 ship it
 
     def ship(self, runs_text: str, name: str | None, what: str, qtype: str) -> Iterator[str]:
-        """Merge (and export GGUF): each step the CLI command, shown, then its output or its one line."""
+        """Merge (and export GGUF, or GGUF + Ollama Modelfile): each step the CLI command, shown, then
+        its output or its one line."""
         runs = self.folder(runs_text)
         run = self.finished(runs, name)
         if run is None:
@@ -107,9 +108,9 @@ class Ship:
         steps = []
         if run.adapter and (what == "merge" or not (merged / "config.json").is_file()):
             steps.append(bc.merge_args(run.final, merged))
-        if what == "gguf":
+        if what in ("gguf", "ollama"):
             source = merged if run.adapter else run.final
-            steps.append(bc.gguf_args(source, runs / f"{run.name}.{qtype}.gguf", qtype))
+            steps.append(bc.gguf_args(source, runs / f"{run.name}.{qtype}.gguf", qtype, what))
         if not steps:
             yield (
                 L("全量微调的结果已是完整模型", "a full-tuning run's final folder is already a whole model")
@@ -199,6 +200,7 @@ def add_tabs(ship: Ship, runs_box: Any) -> None:
             merge = gr.Button(L("合并", "Merge"), elem_id="merge")
             qtype = gr.Radio(["f16", "q8_0"], value="f16", label="GGUF", elem_id="qtype")
             gguf = gr.Button(L("导出 GGUF", "Export GGUF"), elem_id="gguf")
+            ollama = gr.Button(L("导出到 Ollama", "Export for Ollama"), elem_id="ollama")
         with gr.Row():
             port = gr.Number(8000, label=L("端口", "port"), precision=0, elem_id="port")
             serve = gr.Button(L("启动 API 服务", "Start API server"), elem_id="serve")
@@ -237,5 +239,6 @@ def add_tabs(ship: Ship, runs_box: Any) -> None:
 
     merge.click(steps("merge"), [runs_box, ship_run, qtype], [ship_log])
     gguf.click(steps("gguf"), [runs_box, ship_run, qtype], [ship_log])
+    ollama.click(steps("ollama"), [runs_box, ship_run, qtype], [ship_log])
     serve.click(ship.serve, [runs_box, ship_run, port], [ship_log])
     stop_serve.click(ship.stop_server, None, [ship_log])
