@@ -202,3 +202,17 @@ def test_other_objectives_train(tiny_model_dir, tmp_path, objective):
     rows = [r for r in metric_rows(result.output_dir) if "loss" in r]
     assert len(rows) == 4 and all("rewards_accuracy" in r for r in rows)
     assert result.losses[-1] < result.losses[0]
+
+
+def test_bench_dpo_case_runs_trl_and_danlu_on_the_same_pairs(tmp_path):
+    pytest.importorskip("trl")
+    from danlu.app.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--smoke", "--steps", "2", "--cases", "dpo-8b", "--out", str(out)]) == 0
+    case = json.loads(out.read_text())["cases"]["dpo-8b"]
+    base, ours = case["paths"]
+    assert base["path"].startswith("baseline: TRL DPOTrainer") and ours["path"].startswith("danlu fast")
+    assert base["losses"][0] == pytest.approx(np.log(2), abs=1e-4) == ours["losses"][0]  # fresh adapters
+    assert base["tokens"] == ours["tokens"] > 0
+    assert case["loss_max_rel_diff"] < 1e-2  # same pairs, same start: the same learning

@@ -15,6 +15,7 @@ class Case:
     quantization: str | None = None
     varlen: bool = False
     ablation: bool = False
+    objective: str = "sft"  # dpo: TRL's DPOTrainer + peft against danlu's DPO step (bench_dpo.py)
 
 
 CASES = {
@@ -25,5 +26,10 @@ CASES = {
         "llama3-8b",
         "Llama-3-8B shape, LoRA r16, alpaca-like lengths: baseline batch 8 padded, danlu packed to 4096",
         varlen=True,
+    ),
+    "dpo-8b": Case(
+        "llama3-8b",
+        "Llama-3-8B shape, LoRA r16, DPO: 2 pairs x (1024 prompt + 1024 reply); baseline TRL DPOTrainer + peft",
+        objective="dpo",
     ),
 }
