@@ -191,6 +191,30 @@ def test_data_placeholders_and_the_data_command_line(tmp_path):
     assert not any(a.startswith("data.path") for a in args)
 
 
+def test_preference_presets_show_their_objective_and_check_their_data_that_way(tmp_path):
+    pytest.importorskip("gradio")
+    from danlu.app.board import Board
+
+    cfg = bc.board_config("prefer-short")
+    assert bc.form_values(cfg)["objective"] == "dpo"
+    assert bc.set_field(cfg, "objective", "orpo")["train"]["objective"] == "orpo"
+    for action in ("check", "preview"):
+        args = bc.data_args(action, ["p.jsonl"], cfg)
+        assert args[args.index("--objective") + 1] == "dpo"
+    assert "--objective" not in bc.data_args("check", ["x.json"], bc.board_config("identity"))
+    # the Data step on the bundled pairs: read as DPO reads them (no "no assistant reply" refusal)
+    board = Board(tmp_path / "out")
+    try:
+        pairs = str(bc.bundled_data()["prefer_short.jsonl"])
+        *_, (verdict, transcript, histogram, marked) = board.check_data(pairs, bc.dump(cfg))
+    finally:
+        board.close()
+    assert verdict.startswith("**✓"), verdict
+    assert f"danlu data check {pairs} --model smollm2-135m-instruct" in transcript
+    assert "--objective dpo" in transcript and "preference pairs" in transcript
+    assert histogram is None and "rejected" in marked.lower()
+
+
 def test_command_lines_are_the_clis(tmp_path):
     assert bc.train_args("out/a.yaml") == ["train", "out/a.yaml", "--no-progress"]
     assert bc.train_args("out/a.yaml", resume=True)[-1] == "--resume"

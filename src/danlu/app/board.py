@@ -141,7 +141,11 @@ class Board:
             yield f"**✗ {e}**", "", None, ""
             return
         png = self.work / f"lengths-{time.time_ns()}.png"
-        stats = bc.data_args("stats", paths, cfg, "--out", str(png))
+        stats = (  # stats (and its histogram) reads SFT data; preference data gets its objective's check
+            bc.data_args("stats", paths, cfg, "--out", str(png))
+            if bc.objective_of(cfg) == "sft"
+            else bc.data_args("check", paths, cfg)
+        )
         preview = bc.data_args("preview", paths, cfg, "--plain", "-n", "3")
         yield f"⏳ {L('检查中', 'checking')}…", transcript([bc.shown(stats), bc.shown(preview)]), None, ""
         running = [br.start_cli(stats), br.start_cli(preview)]  # both at once: two tokenizer loads
@@ -159,7 +163,8 @@ class Board:
         report = "\n".join(line for line in s_out.splitlines() if not line.startswith("wrote "))
         rc = running[1].returncode
         marked = bc.preview_html(p_out) if rc == 0 else f"<b>{html.escape(bc.failure(rc, p_err))}</b>"
-        yield verdict, transcript([bc.shown(stats), bc.shown(preview)], report), str(png), marked
+        histogram = str(png) if png.is_file() else None
+        yield verdict, transcript([bc.shown(stats), bc.shown(preview)], report), histogram, marked
 
     # --------------------------------------------------------------------------- 3 train
 

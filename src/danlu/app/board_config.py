@@ -31,6 +31,7 @@ _PLACEHOLDER_SCAN = 4 * 2**20  # placeholders are looked for in the first 4 MiB 
 # the form: field name -> the config key it edits
 FIELDS = {
     "method": "train.method",
+    "objective": "train.objective",
     "rank": "lora.r",
     "steps": "train.max_steps",
     "epochs": "train.epochs",
@@ -301,9 +302,18 @@ def plan_args(config: Path | str, gpu_mem: str = "") -> list[str]:
 
 
 def data_args(action: str, paths: list[str], cfg: dict, *extra: str) -> list[str]:
+    """``danlu data ACTION`` on ``paths`` as the run in ``cfg`` reads them (``check`` and ``preview``
+    the objective's way: preference pairs or KTO labels)."""
+    objective = objective_of(cfg)
+    if objective != "sft" and action in ("check", "preview"):
+        extra = (*extra, "--objective", objective)
     args = ["data", action, *paths, "--model", str(get(cfg, "model.path", default("model.path")))]
     template = get(cfg, "data.template")
     return [*args, *(["--template", str(template)] if template else []), *extra, *data_overrides(cfg)]
+
+
+def objective_of(cfg: dict) -> str:
+    return str(get(cfg, "train.objective", default("train.objective")))
 
 
 def merge_args(final: Path, out: Path) -> list[str]:

@@ -19,7 +19,7 @@ from danlu.errors import UserError
 
 # the Train step's form, row by row
 LAYOUT = (
-    ("method", "quantization"),
+    ("method", "objective", "quantization"),
     ("rank", "steps", "epochs"),
     ("lr", "max_length", "packing"),
     ("save_every", "sample_every"),
@@ -34,6 +34,14 @@ def _field(name: str, value: Any) -> Any:
 
     if name == "method":
         return gr.Radio(["lora", "full", "freeze"], value=value, label=L("方法", "method"))
+    if name == "objective":
+        label = L(
+            "目标（sft；偏好数据用 dpo/orpo/simpo/kto）",
+            "objective (sft; dpo/orpo/simpo/kto for preference data)",
+        )
+        return gr.Dropdown(
+            ["sft", "dpo", "orpo", "simpo", "kto"], value=value, label=label, elem_id="objective"
+        )
     if name == "quantization":
         return gr.Dropdown(["none", "nf4", "fp4", "int8"], value=value, label=L("量化", "quantization"))
     if name == "packing":
