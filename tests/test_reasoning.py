@@ -194,3 +194,23 @@ def test_chat_shows_or_hides_the_reasoning(think_adapter, monkeypatch, capsys, f
     assert "<think>" not in out
     if "--no-thinking" in flags:
         assert "assistant> [thinking]" not in out and "assistant> \n" not in out  # an answer, printed
+
+
+def test_serve_and_web_take_a_thinking_default_that_requests_override():
+    from danlu.app.cli import build_parser
+    from danlu.app.common import template_kwargs
+
+    parser = build_parser()
+    for verb in ("chat", "serve", "web"):
+        assert template_kwargs(parser.parse_args([verb])) is None
+        assert template_kwargs(parser.parse_args([verb, "--no-thinking"])) == {"enable_thinking": False}
+        assert template_kwargs(parser.parse_args([verb, "--thinking"])) == {"enable_thinking": True}
+    fake = Pieces(REPLY)
+    service = Service(fake, "scripted", GREEDY, template_kwargs={"enable_thinking": False})
+    with running(create_app(service)) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        client.chat.completions.create(model="scripted", messages=HI)
+        assert fake.kwargs[-1] == {"enable_thinking": False}
+        on = {"chat_template_kwargs": {"enable_thinking": True}}
+        client.chat.completions.create(model="scripted", messages=HI, extra_body=on)
+        assert fake.kwargs[-1] == {"enable_thinking": True}

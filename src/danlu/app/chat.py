@@ -12,9 +12,11 @@ from danlu.app.common import (
     add_generation_flags,
     add_loading_flags,
     add_model_flags,
+    add_thinking_flag,
     loading_options,
     model_for,
     settings_from,
+    template_kwargs,
     trust_remote_code,
 )
 from danlu.errors import UserError
@@ -47,7 +49,7 @@ def run_chat(args: argparse.Namespace) -> int:
 def _converse(engine: Any, settings: Any, args: argparse.Namespace) -> int:
     """The prompt loop. Ctrl-C during a reply stops it and keeps what was said; at the prompt it quits."""
     sides = [("base", False), ("tuned", True)] if args.compare else [("assistant", True)]
-    kwargs = {"enable_thinking": args.thinking} if args.thinking is not None else None
+    kwargs = template_kwargs(args)
     system = args.system
     histories: dict[str, list[dict]] = {name: [] for name, _ in sides}
     while True:
@@ -159,13 +161,7 @@ def add_parser(sub: Any) -> None:
         const=False,
         help="print the answer only",
     )
-    p.add_argument(
-        "--thinking",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="ask the chat template to let the model reason first, or not (enable_thinking, as Qwen3's "
-        "template reads it); default: the template's own default",
-    )
+    add_thinking_flag(p)
     add_loading_flags(p)
     add_generation_flags(p)
     p.set_defaults(func=run_chat)

@@ -83,6 +83,23 @@ def add_generation_flags(p: argparse.ArgumentParser, api: bool = False) -> None:
     g.add_argument("--seed", type=int, default=None)
 
 
+def add_thinking_flag(p: Any) -> None:
+    """``--thinking`` / ``--no-thinking``: ``enable_thinking`` handed to the chat template."""
+    p.add_argument(
+        "--thinking",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ask the chat template to let the model reason first, or not (enable_thinking, as Qwen3's "
+        "template reads it); default: the template's own default",
+    )
+
+
+def template_kwargs(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The chat template's extra variables :func:`add_thinking_flag` asks for (None: none)."""
+    thinking = getattr(args, "thinking", None)
+    return None if thinking is None else {"enable_thinking": thinking}
+
+
 def add_trust_flag(p: Any) -> None:
     """``--trust-remote-code`` / ``--no-trust-remote-code`` on a parser or argument group."""
     p.add_argument(

@@ -25,12 +25,14 @@ from danlu.app import server_responses as rs
 from danlu.app.common import (
     add_generation_flags,
     add_loading_flags,
+    add_thinking_flag,
     exposure_warning,
     loading_options,
     model_for,
     port_free,
     read_secret,
     settings_from,
+    template_kwargs,
     trust_remote_code,
 )
 from danlu.app.server_requests import APIError
@@ -47,9 +49,17 @@ class Service:
     request gets (a larger ``max_tokens`` is cut to it, said in the ``danlu-max-tokens`` header).
     """
 
-    def __init__(self, engine: Any, base_name: str, defaults: Any, reasoning: str = "separate") -> None:
+    def __init__(
+        self,
+        engine: Any,
+        base_name: str,
+        defaults: Any,
+        reasoning: str = "separate",
+        template_kwargs: dict | None = None,
+    ) -> None:
         self.engine = engine
         self.reasoning = reasoning  # how replies give back a <think> block (server_responses.Reply)
+        self.template_kwargs = template_kwargs  # the chat template's defaults; a request's own win
         self.base_name = base_name
         self.defaults = defaults
         self.limit = defaults.max_new_tokens
@@ -170,7 +180,7 @@ def create_app(service: Service, api_key: str | None = None, max_body: int = MAX
             for i in range(req.n):
                 s = settings if settings.seed is None or i == 0 else replace(settings, seed=settings.seed + i)
                 if kind == "chat":
-                    kwargs = req.chat_template_kwargs
+                    kwargs = {**(service.template_kwargs or {}), **(req.chat_template_kwargs or {})} or None
                     gens.append(service.engine.chat(what, s, adapter, tools, asked, template_kwargs=kwargs))
                 else:
                     gens.append(service.engine.complete(what, s, adapter, asked))
@@ -264,7 +274,8 @@ def build_service(args: argparse.Namespace) -> Service:
     trust = trust_remote_code(args, model, first)
     batch = {"max_batch": getattr(args, "max_batch", 32), "max_waiting": getattr(args, "max_waiting", 256)}
     engine = Engine(model, adapters=adapters, trust_remote_code=trust, **loading_options(args), **batch)
-    return Service(engine, model, settings_from(args), getattr(args, "reasoning", "separate"))
+    reasoning = getattr(args, "reasoning", "separate")
+    return Service(engine, model, settings_from(args), reasoning, template_kwargs(args))
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -343,6 +354,7 @@ def add_parser(sub: Any) -> None:
         default=256,
         help="requests queued beyond those; more get 429 (default 256)",
     )
+    add_thinking_flag(p)
     add_loading_flags(p)
     add_generation_flags(p, api=True)
     p.set_defaults(func=run_serve)

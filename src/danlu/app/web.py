@@ -23,6 +23,7 @@ from danlu.app.common import (
     add_generation_flags,
     add_loading_flags,
     add_model_flags,
+    add_thinking_flag,
     content_text,
     exposure_warning,
     loading_options,
@@ -30,6 +31,7 @@ from danlu.app.common import (
     port_free,
     read_secret,
     settings_from,
+    template_kwargs,
     trust_remote_code,
 )
 from danlu.errors import UserError
@@ -93,7 +95,9 @@ async def stream_view(gen: Any) -> AsyncIterator[str | list[dict]]:
         yield reply_view(reasoning + r, answer + a)
 
 
-def build_demo(engine: Engine, defaults: GenerationSettings, label: str) -> Any:
+def build_demo(
+    engine: Engine, defaults: GenerationSettings, label: str, template_kwargs: dict | None = None
+) -> Any:
     """The Gradio app: a chat tab (ChatInterface, Send and Stop) and, with an adapter, a compare tab."""
     import gradio as gr
 
@@ -102,7 +106,7 @@ def build_demo(engine: Engine, defaults: GenerationSettings, label: str) -> Any:
 
     def start(messages: list[dict], settings: GenerationSettings, use_adapter: bool) -> Any:
         try:
-            return engine.start(messages, settings, use_adapter)
+            return engine.start(messages, settings, use_adapter, template_kwargs)
         except UserError as e:  # shown as a one-line message on the page
             raise gr.Error(str(e)) from None
 
@@ -232,7 +236,7 @@ def run_web(args: argparse.Namespace) -> int:
     trust = trust_remote_code(args, model, args.adapter)
     engine = Engine(model, args.adapter, trust_remote_code=trust, **loading_options(args))
     label = model + (f" + {args.adapter}" if args.adapter else "")
-    demo = build_demo(engine, settings_from(args), label)
+    demo = build_demo(engine, settings_from(args), label, template_kwargs(args))
     print(f"danlu web — {label}\nopen http://{args.host}:{args.port} in a browser (Ctrl-C stops)", flush=True)
     for line in exposure_lines(args.host, args.share, bool(password)):
         print(line, flush=True)
@@ -276,6 +280,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--password-file", default=None, metavar="PATH", help="read the page's password from a file"
     )
+    add_thinking_flag(p)
     add_loading_flags(p)
     add_generation_flags(p)
     p.set_defaults(func=run_web)
