@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import write_jsonl
 from danlu.config import Config, load_config
@@ -216,3 +217,28 @@ def test_bench_dpo_case_runs_trl_and_danlu_on_the_same_pairs(tmp_path):
     assert base["losses"][0] == pytest.approx(np.log(2), abs=1e-4) == ours["losses"][0]  # fresh adapters
     assert base["tokens"] == ours["tokens"] > 0
     assert case["loss_max_rel_diff"] < 1e-2  # same pairs, same start: the same learning
+
+
+def test_a_fast_path_that_disagrees_with_the_models_own_logits_is_not_used(
+    tiny_model_dir, tokenizer, monkeypatch
+):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    import danlu.preference as pref_mod
+    from danlu.config.schema import TrainConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prompt, reply = encode_reply(tokenizer, [USER], SHORT, stop_token_ids(tokenizer))
+    items = [Pair(prompt, reply, reply[:2])]
+    world = SimpleNamespace(strategy="none")
+    objective = pref_mod.Preference(TrainConfig(objective="dpo"))
+    objective.prepare(model, items, 0, "cpu", torch.float32, world)
+    assert objective.options is pref_mod.ALL  # a Llama: the fast path's log-probs are the model's own
+
+    real = pref_mod.sequence_logps
+    off = lambda m, b, options: (lambda s, c: (s + (options is not None), c))(*real(m, b, options))  # noqa: E731
+    monkeypatch.setattr(pref_mod, "sequence_logps", off)
+    objective.prepare(model, items, 0, "cpu", torch.float32, world)
+    assert objective.options is None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -25,13 +26,14 @@ from danlu.config.schema import TrainConfig
 from danlu.data import preference as data
 from danlu.data.dataset import collate
 from danlu.data.render import Sample
-from danlu.fast import ALL, PLAIN_LOSS_STRATEGIES
+from danlu.fast import ALL, PLAIN_LOSS_STRATEGIES, Options
 from danlu.fast.loss import SequenceLogps, sequence_logps
 from danlu.fast.loss import describe as fast_describe
 from danlu.fast.loss import supports as fast_loss_supports
 
 log = logging.getLogger("danlu.train")
 REFERENCE_FILE = "reference_logps.json"
+EAGER = Options(fused=False, compile=False, offload=False, split=False, keep=False)
 
 
 class Preference:
@@ -75,15 +77,38 @@ class Preference:
             and world.strategy not in PLAIN_LOSS_STRATEGIES
             and fast_loss_supports(model)
         )
-        self.options = ALL if fast else None
+        self.options = ALL if fast and self._fast_agrees(model, items[:2], device, dtype) else None
         return SequenceLogps(model, self.options)
+
+    @torch.no_grad()
+    def _fast_agrees(self, model: Any, items: list, device: str, dtype: torch.dtype) -> bool:
+        """The fast path's log-probs against the model's own logits on the first items (eager parts,
+        dropout off), as SFT checks its loss: a model the fast decoder gets wrong takes the plain path."""
+        if not items:
+            return True
+        was_training = model.training
+        model.eval()
+        batch = self._batch([r for item in items for r in data.rows_of(item)], device)
+        mixed = device == "cuda" and dtype != torch.float32
+        try:
+            with torch.autocast("cuda", dtype=dtype) if mixed else nullcontext():
+                fast = sequence_logps(model, batch, EAGER)[0]
+                plain = sequence_logps(model, batch, None)[0]
+        finally:
+            model.train(was_training)
+        tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+        if torch.allclose(fast, plain, rtol=tolerance, atol=tolerance):
+            return True
+        log.info(
+            "fast path: its log-probs differ from the model's own on the first items; using the plain path"
+        )
+        return False
 
     def describe_fast(self, plain: Any, world: Any) -> str:
         if world.strategy in PLAIN_LOSS_STRATEGIES or self.options is None:
             return "not available here (plain log-probs from the full logits)"
-        return fast_describe(plain).replace(
-            "chunked loss", "chunked log-probs, chosen and rejected in one batch"
-        )
+        together = "reply and mismatched reply" if self.name == "kto" else "chosen and rejected"
+        return fast_describe(plain).replace("chunked loss", f"chunked log-probs, {together} in one batch")
 
     def start(self, run: Any) -> None:
         """Decide (and log) the reference; for full tuning compute or read back its log-probs."""

@@ -1,10 +1,10 @@
-"""The training recipe: setup → loop → save. The one place that wires config, data and model.
+"""``danlu train``: checks, then the recipe's parts in order. The one place that wires config, data and model.
 
 Read top to bottom: :func:`train` checks everything a user can get wrong before loading
-anything heavy, then runs a plain PyTorch loop over micro-batches with gradient
-accumulation. The loss of a step is the sum of token losses over all of its micro-batches
-divided by the number of trained tokens in the step, so accumulation does not change what
-is learned.
+anything heavy, then :func:`_train` runs :mod:`danlu.recipe` (setup → step → after-step → finish)
+with an *objective*: :class:`SFT` here, or a preference objective (:mod:`danlu.preference`). For
+SFT the loss of a step is the sum of token losses over all of its micro-batches divided by the
+number of trained tokens in the step, so accumulation does not change what is learned.
 """
 
 from __future__ import annotations
