@@ -242,3 +242,19 @@ def test_a_fast_path_that_disagrees_with_the_models_own_logits_is_not_used(
     monkeypatch.setattr(pref_mod, "sequence_logps", off)
     objective.prepare(model, items, 0, "cpu", torch.float32, world)
     assert objective.options is None
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.beta=0", "train.beta=0.0 must be above 0"),
+        ("train.label_smoothing=0.5", "train.label_smoothing=0.5 must be at least 0 and below 0.5"),
+        ("data.packing=true", "data.packing=true is not available with train.objective=dpo yet"),
+    ],
+)
+def test_preference_settings_mistakes_are_one_line(tiny_model_dir, tmp_path, override, message):
+    from danlu.train import train
+
+    with pytest.raises(UserError, match=message):
+        train(config(tiny_model_dir, tmp_path, "train.objective=dpo", override), progress=False)
+    assert not (tmp_path / "run").exists()  # nothing written

@@ -26,6 +26,7 @@ from danlu.config.schema import TrainConfig
 from danlu.data import preference as data
 from danlu.data.dataset import collate
 from danlu.data.render import Sample
+from danlu.errors import UserError
 from danlu.fast import ALL, PLAIN_LOSS_STRATEGIES, Options
 from danlu.fast.loss import SequenceLogps, sequence_logps
 from danlu.fast.loss import describe as fast_describe
@@ -50,6 +51,10 @@ class Preference:
             t.kto_undesirable_weight,
         )
         self.switch, self.batch_size = t.fast, t.batch_size
+        if self.settings.b <= 0:
+            raise UserError(f"train.beta={t.beta} must be above 0 (null: the paper's default)")
+        if not 0 <= t.label_smoothing < 0.5:
+            raise UserError(f"train.label_smoothing={t.label_smoothing} must be at least 0 and below 0.5")
         self.options: Any = None
         self.reference = "none"
         self.pad_id = 0
@@ -57,6 +62,10 @@ class Preference:
     # --------------------------------------------------------------- the recipe's hooks
 
     def build(self, cfg: Any, tokenizer: Any, stop_ids: set[int]) -> tuple[list, list, Any]:
+        if cfg.packing:
+            raise UserError(
+                f"data.packing=true is not available with train.objective={self.name} yet; set data.packing=false"
+            )
         train, evals, summary = data.build(cfg, tokenizer, stop_ids, self.name)
         if summary.truncated:
             log.info(
