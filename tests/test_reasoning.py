@@ -214,3 +214,32 @@ def test_serve_and_web_take_a_thinking_default_that_requests_override():
         on = {"chat_template_kwargs": {"enable_thinking": True}}
         client.chat.completions.create(model="scripted", messages=HI, extra_body=on)
         assert fake.kwargs[-1] == {"enable_thinking": True}
+
+
+def test_tools_with_thinking_off_are_still_seen_by_the_template(tiny_model_dir, tmp_path):
+    """The check that a template uses the tools compares renders with and without them, both with
+    the request's template variables (else thinking off alone would look like the tools' doing)."""
+    from transformers import AutoTokenizer
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "final", seed=5)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tools_part = (
+        "{%- if tools %}{{ 'Tools: ' }}{% for t in tools %}{{ t.function.name }} {% endfor %}{%- endif %}"
+    )
+    tokenizer.chat_template = tools_part + THINK_TEMPLATE
+    tokenizer.save_pretrained(adapter)
+    engine = Engine(str(tiny_model_dir), adapter, precision="fp32")
+    try:
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+        off = {"enable_thinking": False}
+        text = engine.prompt_text(HI, engine.primary, tools, off)
+        assert text.startswith("Tools: get_weather") and text.endswith("</think>\n\n")
+        # a template that ignores tools is still refused with thinking off
+        tokenizer.chat_template = THINK_TEMPLATE
+        tokenizer.save_pretrained(adapter)
+        ignoring = Engine(str(tiny_model_dir), adapter, precision="fp32")
+        with pytest.raises(RequestError, match="no place for tools"):
+            ignoring.prompt_text(HI, ignoring.primary, tools, off)
+        ignoring.shutdown()
+    finally:
+        engine.shutdown()

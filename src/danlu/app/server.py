@@ -6,6 +6,8 @@ The request's ``model`` picks the base (its name as given to ``--model``) or an 
 (``--adapter NAME=DIR``). Concurrent requests are decoded together by the engine; a client that
 hangs up (streamed or not) stops its reply at the next step. Errors come back in OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``: 400 for anything wrong in a request.
+What a request means is :mod:`danlu.app.server_requests`; what is answered,
+:mod:`danlu.app.server_responses`; here: the routes, the key and body-size guard, and the verb.
 
 fastapi, pydantic and uvicorn are imported inside functions so that ``danlu --help`` works
 without the ``serve`` extra. (No ``from __future__ import annotations`` here: FastAPI reads the

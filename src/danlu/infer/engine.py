@@ -146,7 +146,8 @@ class Engine:
         """:meth:`prompt_ids` as the rendered text."""
         self.registry.check(adapter)
         tokenizer = self.tokenizers[adapter]
-        extra = {**check_template_kwargs(template_kwargs), **({"tools": tools} if tools else {})}
+        variables = check_template_kwargs(template_kwargs)
+        extra = {**variables, **({"tools": tools} if tools else {})}
         try:
             text = tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True, **extra
@@ -159,7 +160,9 @@ class Engine:
             ) from None
         if tools:
             try:
-                plain = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                plain = tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True, **variables
+                )
             except Exception:  # noqa: BLE001 - renders only with tools: it does use them
                 plain = None
             if plain == text:
