@@ -29,7 +29,15 @@ from typing import Any
 import numpy as np
 
 from danlu.errors import UserError
-from danlu.export.gguf_arch import FAMILIES, Family, add_metadata, check, extra_tensors, transform
+from danlu.export.gguf_arch import (
+    FAMILIES,
+    Family,
+    add_metadata,
+    check,
+    extra_tensors,
+    transform,
+    with_aliases,
+)
 from danlu.export.gguf_vocab import add_tokenizer
 
 log = logging.getLogger(__name__)
@@ -63,6 +71,7 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     config = json.loads(path.read_text(encoding="utf-8"))
     if "text_config" in config and "hidden_size" not in config:
         config = {**config, **config["text_config"]}
+    config = with_aliases(config)
     check(config, model_dir)
     return config
 
@@ -108,7 +117,7 @@ def plan(model_dir: Path, config: dict[str, Any], family: Family, qtype: str) ->
     from safetensors import safe_open
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.gguf.upper()], config["num_hidden_layers"])
-    tied = bool(config.get("tie_word_embeddings", family.gguf.startswith("gemma")))
+    tied = bool(config.get("tie_word_embeddings", family.tied or family.gguf.startswith("gemma")))
     out: list[Planned] = []
     for f in safetensors_files(model_dir):
         with safe_open(str(f), framework="pt") as st:
@@ -117,7 +126,9 @@ def plan(model_dir: Path, config: dict[str, Any], family: Family, qtype: str) ->
                     continue  # llama.cpp reuses token_embd when output.weight is absent
                 if hf_name.endswith("rotary_emb.inv_freq"):
                     continue
-                name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                name = names.get_name(
+                    hf_name.removeprefix(family.hf_prefix), try_suffixes=(".weight", ".bias")
+                )
                 if name is None:
                     raise UserError(
                         f"--model {model_dir}: tensor {hf_name} has no GGUF name for {family.gguf}"

@@ -2,7 +2,8 @@
 
 One ``Family`` per Hugging Face architecture: llama.cpp's architecture name, and how tensors
 change on the way (Llama's q/k rows permuted into llama.cpp's rotary layout, Gemma's norm weights
-stored as ``1 + w``, Llama-3.1's rope frequencies as a ``rope_freqs`` tensor). The metadata keys
+stored as ``1 + w``, Llama-3.1's rope frequencies as a ``rope_freqs`` tensor, BLOOM's fused
+query/key/value rows regrouped from per head to per kind). The metadata keys
 are the ones llama.cpp's loader reads for that architecture; config.json is read as transformers 5
 writes it (``rope_parameters``) and as older folders have it (``rope_scaling``, ``rope_theta``).
 """
@@ -27,6 +28,9 @@ class Family:
     permute_qk: bool = False  # rotary over interleaved pairs in llama.cpp, halves in transformers
     norm_shift: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
     rope_types: tuple[str, ...] = ("default",)
+    qkv_per_head: bool = False  # fused qkv rows as [head][q|k|v] (BLOOM); llama.cpp wants [q|k|v][head]
+    hf_prefix: str = ""  # stripped before gguf's name map (it knows BLOOM's names without "transformer.")
+    tied: bool = False  # tie_word_embeddings when config.json leaves it out
 
 
 FAMILIES = {
@@ -37,17 +41,32 @@ FAMILIES = {
     "Phi3ForCausalLM": Family("phi3"),
     "Gemma2ForCausalLM": Family("gemma2", norm_shift=1.0),
     "Gemma3ForCausalLM": Family("gemma3", norm_shift=1.0, rope_types=("default", "linear")),
+    # ALiBi positions and LayerNorm with biases: llama.cpp's bloom graph (no rope keys written)
+    "BloomForCausalLM": Family("bloom", qkv_per_head=True, hf_prefix="transformer.", tied=True),
 }
+
+# older config.json names (BLOOM's), read as today's
+CONFIG_ALIASES = {"n_embed": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers"}
+# BLOOM was trained on 2048-token sequences; its config.json has no context length
+BLOOM_CONTEXT = 2048
 
 # Architectures people ask for that danlu does not write, and what to do instead.
 INSTEAD = {
     "Gemma3ForConditionalGeneration": "export the text model (Gemma3ForCausalLM) or use llama.cpp's "
     "convert_hf_to_gguf.py, which also writes the vision projector",
-    "BloomForCausalLM": CONVERTER,
     "MixtralForCausalLM": CONVERTER + " (mixture-of-experts)",
     "Qwen2MoeForCausalLM": CONVERTER + " (mixture-of-experts)",
     "Qwen3MoeForCausalLM": CONVERTER + " (mixture-of-experts)",
 }
+
+
+def with_aliases(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json with BLOOM's n_head / n_layer / n_embed also under today's names."""
+    out = dict(config)
+    for old, new in CONFIG_ALIASES.items():
+        if old in config and new not in config:
+            out[new] = config[old]
+    return out
 
 
 def rope_params(config: dict[str, Any], layer_type: str = "full_attention") -> dict[str, Any]:
@@ -92,11 +111,19 @@ def check(config: dict[str, Any], model_dir: Path) -> Family:
             )
     if family.gguf == "phi3" and config.get("partial_rotary_factor", 1.0) != 1.0:
         raise UserError(f"--model {model_dir}: Phi-3 with partial rotary embeddings; {CONVERTER}")
+    if family.gguf == "bloom" and config.get("apply_residual_connection_post_layernorm"):
+        # llama.cpp's bloom graph adds the block's input, not its normalized input, to the residual
+        raise UserError(
+            f"--model {model_dir}: BLOOM with apply_residual_connection_post_layernorm=true is not what "
+            f"llama.cpp's bloom graph computes; {CONVERTER}"
+        )
     return family
 
 
 def add_metadata(writer: Any, config: dict[str, Any], family: Family, name: str, file_type: int) -> None:
     """Architecture metadata: the keys llama.cpp's loader reads for the family."""
+    if family.gguf == "bloom":
+        return add_bloom_metadata(writer, config, name, file_type)
     n_head = config["num_attention_heads"]
     rope = rope_params(config)
     writer.add_name(name)
@@ -138,6 +165,22 @@ def add_metadata(writer: Any, config: dict[str, Any], family: Family, name: str,
             writer.add_sliding_window(int(config.get("sliding_window") or 4096))
 
 
+def add_bloom_metadata(writer: Any, config: dict[str, Any], name: str, file_type: int) -> None:
+    """BLOOM's keys: no rope (llama.cpp applies ALiBi with BLOOM's slopes), LayerNorm (not RMS),
+    a 4x feed-forward and as many key/value heads as query heads."""
+    hidden, n_head = config["hidden_size"], config["num_attention_heads"]
+    writer.add_name(name)
+    writer.add_context_length(int(config.get("seq_length") or BLOOM_CONTEXT))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(4 * hidden)  # BloomMLP is always 4 x hidden
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head)
+    writer.add_layer_norm_eps(float(config.get("layer_norm_epsilon") or 1e-5))
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(file_type)
+
+
 def llama3_rope_factors(config: dict[str, Any]) -> np.ndarray:
     """Llama-3.1's per-frequency rope divisors (the published 'llama3' rope scaling), for rope_freqs.
 
@@ -171,7 +214,7 @@ def extra_tensors(config: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def transform(data: np.ndarray, gguf_name: str, family: Family, config: dict[str, Any]) -> np.ndarray:
-    """One tensor as llama.cpp wants it: q/k rows permuted, Gemma norms shifted."""
+    """One tensor as llama.cpp wants it: q/k rows permuted, Gemma norms shifted, BLOOM's qkv regrouped."""
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
     if family.permute_qk and gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
@@ -180,7 +223,15 @@ def transform(data: np.ndarray, gguf_name: str, family: Family, config: dict[str
         data = permute_qk(data, n_kv)
     if family.norm_shift and gguf_name.endswith("norm.weight"):
         data = data + np.float32(family.norm_shift)
+    if family.qkv_per_head and gguf_name.endswith(("attn_qkv.weight", "attn_qkv.bias")):
+        data = qkv_blocks(data, n_head)
     return data
+
+
+def qkv_blocks(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Fused qkv rows from per head ([head][q|k|v][head_dim], BLOOM) to per kind
+    ([q|k|v][head][head_dim], what llama.cpp splits into q, k and v); weight or bias."""
+    return w.reshape(n_head, 3, w.shape[0] // n_head // 3, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from danlu.errors import UserError
-from danlu.export.gguf_arch import FAMILIES, permute_qk
+from danlu.export.gguf_arch import FAMILIES, permute_qk, qkv_blocks
 
 
 @dataclass
@@ -91,6 +91,7 @@ def export_lora_gguf(
                 )
             side = "a" if ".lora_A." in key else "b"
             hf = key.removeprefix("base_model.model.").replace(f".lora_{side.upper()}.weight", ".weight")
+            hf = hf.removeprefix(family.hf_prefix)
             name = names.get_name(hf, try_suffixes=(".weight",))
             if name is None or name.startswith(("token_embd", "output.")):
                 raise UserError(
@@ -101,6 +102,8 @@ def export_lora_gguf(
                 data = permute_qk(data, n_head)
             elif side == "b" and family.permute_qk and name.endswith("attn_k.weight"):
                 data = permute_qk(data, n_kv)
+            elif side == "b" and family.qkv_per_head and name.endswith("attn_qkv.weight"):
+                data = qkv_blocks(data, n_head)  # B's rows are the fused qkv rows
             pairs.setdefault(name, {})[side] = data
 
     out.parent.mkdir(parents=True, exist_ok=True)

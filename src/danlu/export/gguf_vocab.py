@@ -2,7 +2,7 @@
 
 Two kinds of ``tokenizer.json`` reach llama.cpp's two BPE-like tokenizers:
 
-- byte-level BPE (GPT-2, Llama-3, Qwen, SmolLM): ``gpt2`` with the merges and the name of the
+- byte-level BPE (GPT-2, Llama-3, Qwen, SmolLM, BLOOM): ``gpt2`` with the merges and the name of the
   pre-split regex llama.cpp knows it by;
 - SentencePiece-style BPE with byte fallback (Llama-2, Mistral, Phi-3, Gemma): ``llama`` (SPM),
   whose merge order lives in token scores, so each piece scores minus the rank of the first merge
@@ -31,6 +31,9 @@ BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # llama.cpp's names for pre-split regexes it implements, preferred over the aliases transformers
 # lists for the same regex (llama.cpp refuses names it does not know).
 LLAMA_CPP_PRE_NAMES = ("llama-bpe", "qwen2", "gpt-4o", "tekken")
+# Pre-split regexes llama.cpp implements that transformers' table lacks, as tokenizer.json spells them:
+# BLOOM's (llama.cpp's 'bloom' regex writes the same character class without the nested brackets)
+LLAMA_CPP_MORE_SPLITS = {" ?[^(\\s|[.,!?…。，、।۔،])]+": "bloom"}
 
 
 def tokenizer_kind(tok: dict[str, Any]) -> str:
@@ -52,6 +55,9 @@ def pre_tokenizer_name(tok: dict[str, Any]) -> str:
     regexes = [(s.get("pattern") or {}).get("Regex") for s in steps if s.get("type") == "Split"]
     digits = [s for s in steps if s.get("type") == "Digits" and s.get("individual_digits")]
     bytelevel = [s for s in steps if s.get("type") == "ByteLevel"]
+    if len(regexes) == 1 and regexes[0] in LLAMA_CPP_MORE_SPLITS and len(steps) == 2:
+        if bytelevel and not bytelevel[0].get("use_regex", True):  # the split alone, then bytes
+            return LLAMA_CPP_MORE_SPLITS[regexes[0]]
     if len(regexes) == 1:
         known = [n for n, split in GGUF_PRE_TOKENIZER_SPLITS.items() if split == regexes[0]]
         for name in LLAMA_CPP_PRE_NAMES:
