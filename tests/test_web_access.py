@@ -13,8 +13,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr = pytest.importorskip("gradio")
 
 from danlu.app.cli import main  # noqa: E402
-from danlu.app.common import exposure_warning, is_loopback  # noqa: E402
-from danlu.app.web import build_demo, exposure_lines, login  # noqa: E402
+from danlu.app.common import exposure_lines, exposure_warning, is_loopback, login  # noqa: E402
+from danlu.app.web import build_demo  # noqa: E402
 from danlu.infer import Engine, GenerationSettings  # noqa: E402
 
 GREEDY = GenerationSettings(max_new_tokens=4, temperature=0, repetition_penalty=1.0)
@@ -33,15 +33,16 @@ def test_only_this_machine_counts_as_loopback(host, loopback):
 
 
 def test_web_says_what_it_is_open_to():
-    assert exposure_lines("127.0.0.1", False, False) == []
-    [line] = exposure_lines("0.0.0.0", False, False)
+    web = ("chat with this model", "DANLU_WEB_PASSWORD")
+    assert exposure_lines("127.0.0.1", False, False, *web) == []
+    [line] = exposure_lines("0.0.0.0", False, False, *web)
     assert (
         line.startswith("warning: listening on 0.0.0.0 without a password") and "DANLU_WEB_PASSWORD" in line
     )
-    assert exposure_lines("0.0.0.0", False, True) == []
-    [share] = exposure_lines("127.0.0.1", True, False)
-    assert "gradio.live" in share and "anyone with the link" in share and "set a password" in share
-    assert "set a password" not in exposure_lines("127.0.0.1", True, True)[0]
+    assert exposure_lines("0.0.0.0", False, True, *web) == []
+    [share] = exposure_lines("127.0.0.1", True, False, *web)
+    assert "gradio.live" in share and "anyone with the link can chat" in share and "set a password" in share
+    assert "set a password" not in exposure_lines("127.0.0.1", True, True, *web)[0]
 
 
 def free_port() -> int:
@@ -55,7 +56,11 @@ def test_a_password_puts_a_login_in_front_of_the_page(tiny_model_dir):
     demo = build_demo(engine, GREEDY, label="tiny")
     port = free_port()
     demo.launch(
-        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **login("s3cret")
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        **login("s3cret", "danlu web"),
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -69,7 +74,7 @@ def test_a_password_puts_a_login_in_front_of_the_page(tiny_model_dir):
     finally:
         demo.close()
         engine.shutdown()
-    assert login(None) == {} and login("") == {}
+    assert login(None, "danlu web") == {} and login("", "danlu web") == {}
 
 
 def test_cli_web_warns_off_loopback_and_passes_the_password(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -92,6 +97,27 @@ def test_cli_web_warns_off_loopback_and_passes_the_password(tiny_model_dir, tmp_
     assert launched[-1]["auth"]("x", "from-file")
     assert main([*base, "--password-file", str(tmp_path / "missing")]) == 2
     assert "--password-file" in capsys.readouterr().err
+
+
+def test_cli_board_warns_off_loopback_and_passes_the_password(tmp_path, monkeypatch, capsys):
+    """The board starts runs and servers: off this machine it says so, and takes a password."""
+    launched: list[dict] = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.append(kw))
+    monkeypatch.delenv("DANLU_BOARD_PASSWORD", raising=False)
+    base = ["board", "--runs", str(tmp_path / "out"), "--port", str(free_port())]
+    assert main([*base, "--host", "0.0.0.0"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: listening on 0.0.0.0 without a password (--password-file, DANLU_BOARD_PASSWORD)" in out
+    assert "auth" not in launched[-1] and launched[-1]["server_name"] == "0.0.0.0"
+    assert main([*base, "--share"]) == 0
+    assert (
+        "anyone with the link can start training runs and servers on this machine" in capsys.readouterr().out
+    )
+    monkeypatch.setenv("DANLU_BOARD_PASSWORD", "from-env")
+    assert main([*base, "--host", "0.0.0.0"]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert launched[-1]["auth"]("x", "from-env") and not launched[-1]["auth"]("x", "other")
+    assert "danlu board" in launched[-1]["auth_message"]
 
 
 def test_cli_serve_warns_off_loopback_without_an_api_key(tiny_model_dir, monkeypatch, capsys):

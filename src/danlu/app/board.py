@@ -33,7 +33,7 @@ from danlu.app.board_view import (
     samples_html,
     transcript,
 )
-from danlu.app.common import port_free
+from danlu.app.common import add_password_flags, exposure_lines, login, port_free, read_secret
 from danlu.config import CONFIG_FILENAME
 from danlu.errors import UserError
 
@@ -273,10 +273,19 @@ def build_board(board: Board) -> Any:
     return build_page(board)
 
 
-def launch(demo: Any, host: str, port: int, share: bool, board: Board, block: bool = True) -> None:
+def launch(
+    demo: Any,
+    host: str,
+    port: int,
+    share: bool,
+    board: Board,
+    block: bool = True,
+    password: str | None = None,
+) -> None:
     import gradio as gr
 
     demo.launch(
+        **login(password, "danlu board"),
         server_name=host,
         server_port=port,
         share=share,
@@ -296,6 +305,7 @@ def run_board(args: argparse.Namespace) -> int:
         raise UserError("danlu board needs gradio: pip install 'danlu[web]'") from None
     if not port_free(args.host, args.port):
         raise UserError(f"--port {args.port}: {args.host}:{args.port} is in use; pick another port")
+    password = read_secret(args.password, args.password_file, "DANLU_BOARD_PASSWORD", "--password-file")
     board = Board(Path(args.runs))
     demo = build_board(board)
     print(
@@ -303,8 +313,11 @@ def run_board(args: argparse.Namespace) -> int:
         "(Ctrl-C stops the board; training runs keep going)",
         flush=True,
     )
+    reach = "start training runs and servers on this machine"
+    for line in exposure_lines(args.host, args.share, bool(password), reach, "DANLU_BOARD_PASSWORD"):
+        print(line, flush=True)
     try:
-        launch(demo, args.host, args.port, args.share, board)
+        launch(demo, args.host, args.port, args.share, board, password=password)
     finally:
         board.close()
     return 0
@@ -329,4 +342,5 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="also open a public gradio.live link; anyone with it can start runs here (off by default)",
     )
+    add_password_flags(p, "DANLU_BOARD_PASSWORD")
     p.set_defaults(func=run_board)

@@ -239,6 +239,44 @@ def exposure_warning(host: str, guarded: bool, guard: str) -> str | None:
     return f"warning: listening on {host} without {guard}: anyone who can reach this machine can use it"
 
 
+def login(password: str | None, page: str) -> dict[str, Any]:
+    """Gradio's login options for ``password`` (any user name): nothing when there is none."""
+    if not password:
+        return {}
+    import secrets
+
+    def check(_user: str, given: str) -> bool:
+        return secrets.compare_digest(given.encode(), password.encode())
+
+    return {"auth": check, "auth_message": f"{page}: any user name, and the page's password"}
+
+
+def exposure_lines(host: str, share: bool, guarded: bool, reach: str, env: str) -> list[str]:
+    """What a Gradio page is open to, when more than this machine: one line each. ``reach``: what
+    a visitor can do there ("chat with this model"); ``env``: the variable its password is read from."""
+    guard = f"a password (--password-file, {env})"
+    lines = [line for line in [exposure_warning(host, guarded, guard)] if line]
+    if share:
+        said = f"anyone with the link can {reach} through Gradio's servers"
+        lines.append(
+            f"--share: a public gradio.live link is opened; {said}" + ("" if guarded else f", set {guard}")
+        )
+    return lines
+
+
+def add_password_flags(p: Any, env: str) -> None:
+    """``--password`` / ``--password-file`` of a Gradio page (``env`` read when neither is given)."""
+    p.add_argument(
+        "--password",
+        default=None,
+        help="require this password to open the page (any user name); visible in ps, so prefer "
+        f"--password-file or {env}",
+    )
+    p.add_argument(
+        "--password-file", default=None, metavar="PATH", help="read the page's password from a file"
+    )
+
+
 def read_secret(value: str | None, path: str | None, env: str, file_flag: str) -> str | None:
     """A key or password: from the file at ``path`` (kept out of ``ps``), else ``value`` (a flag),
     else the environment variable ``env``; None when none is given."""

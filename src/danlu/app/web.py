@@ -23,10 +23,12 @@ from danlu.app.common import (
     add_generation_flags,
     add_loading_flags,
     add_model_flags,
+    add_password_flags,
     add_thinking_flag,
     content_text,
-    exposure_warning,
+    exposure_lines,
     loading_options,
+    login,
     model_for,
     port_free,
     read_secret,
@@ -196,30 +198,6 @@ def build_demo(
     return demo
 
 
-def login(password: str | None) -> dict[str, Any]:
-    """Gradio's login options for ``password`` (any user name): nothing when there is none."""
-    if not password:
-        return {}
-    import secrets
-
-    def check(_user: str, given: str) -> bool:
-        return secrets.compare_digest(given.encode(), password.encode())
-
-    return {"auth": check, "auth_message": "danlu web: any user name, and the page's password"}
-
-
-def exposure_lines(host: str, share: bool, guarded: bool) -> list[str]:
-    """What the page is open to, when more than this machine: one line each."""
-    guard = "a password (--password-file, DANLU_WEB_PASSWORD)"
-    lines = [line for line in [exposure_warning(host, guarded, guard)] if line]
-    if share:
-        said = "anyone with the link can chat with this model through Gradio's servers"
-        lines.append(
-            f"--share: a public gradio.live link is opened; {said}" + ("" if guarded else f", set {guard}")
-        )
-    return lines
-
-
 def run_web(args: argparse.Namespace) -> int:
     try:
         import gradio as gr
@@ -238,7 +216,8 @@ def run_web(args: argparse.Namespace) -> int:
     label = model + (f" + {args.adapter}" if args.adapter else "")
     demo = build_demo(engine, settings_from(args), label, template_kwargs(args))
     print(f"danlu web — {label}\nopen http://{args.host}:{args.port} in a browser (Ctrl-C stops)", flush=True)
-    for line in exposure_lines(args.host, args.share, bool(password)):
+    reach = "chat with this model"
+    for line in exposure_lines(args.host, args.share, bool(password), reach, "DANLU_WEB_PASSWORD"):
         print(line, flush=True)
     theme = gr.themes.Default(font=FONTS, font_mono=MONO)
     try:
@@ -249,7 +228,7 @@ def run_web(args: argparse.Namespace) -> int:
             quiet=not args.share,  # with --share, gradio prints the public link
             theme=theme,
             footer_links=[],
-            **login(password),
+            **login(password, "danlu web"),
         )
     finally:
         engine.shutdown()  # no decoding thread left running while Python exits
@@ -271,15 +250,7 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="also open a public gradio.live link: the page is reachable from anywhere (off by default)",
     )
-    p.add_argument(
-        "--password",
-        default=None,
-        help="require this password to open the page (any user name); visible in ps, so prefer "
-        "--password-file or DANLU_WEB_PASSWORD",
-    )
-    p.add_argument(
-        "--password-file", default=None, metavar="PATH", help="read the page's password from a file"
-    )
+    add_password_flags(p, "DANLU_WEB_PASSWORD")
     add_thinking_flag(p)
     add_loading_flags(p)
     add_generation_flags(p)
