@@ -82,7 +82,6 @@ EXPECTED: dict[str, dict[str, str]] = {
         CHUNKED,
         packing="refused: data.packing=true: BloomForCausalLM ignores the restarting positions, so packed samples "
         "would attend to each other (measured on this model: 100% of a joined sequence's effect)",
-        GGUF="refused: cannot export BloomForCausalLM to GGUF",
     ),
     "falcon": row(CHUNKED, GGUF="refused: cannot export FalconForCausalLM to GGUF"),
 }
@@ -392,7 +391,9 @@ def read_gguf(path: Path, merged: Path) -> tuple[dict, torch.nn.Module]:
     model = AutoModelForCausalLM.from_config(config).eval()
     heads = {
         "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        "n_head": config.num_attention_heads,  # BLOOM's processor regroups the fused qkv per head
+        "hidden_size": config.hidden_size,
     }
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=heads)
     names = get_gguf_hf_weights_map(model, processor, model_type=arch)
