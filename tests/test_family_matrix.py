@@ -83,7 +83,7 @@ EXPECTED: dict[str, dict[str, str]] = {
         packing="refused: data.packing=true: BloomForCausalLM ignores the restarting positions, so packed samples "
         "would attend to each other (measured on this model: 100% of a joined sequence's effect)",
     ),
-    "falcon": row(CHUNKED, GGUF="refused: cannot export FalconForCausalLM to GGUF"),
+    "falcon": row(CHUNKED),
 }
 
 

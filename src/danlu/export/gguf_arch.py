@@ -2,8 +2,8 @@
 
 One ``Family`` per Hugging Face architecture: llama.cpp's architecture name, and how tensors
 change on the way (Llama's q/k rows permuted into llama.cpp's rotary layout, Gemma's norm weights
-stored as ``1 + w``, Llama-3.1's rope frequencies as a ``rope_freqs`` tensor, BLOOM's fused
-query/key/value rows regrouped from per head to per kind). The metadata keys
+stored as ``1 + w``, Llama-3.1's rope frequencies as a ``rope_freqs`` tensor, BLOOM's and
+Falcon's fused query/key/value rows regrouped from per head (group) to per kind). The metadata keys
 are the ones llama.cpp's loader reads for that architecture; config.json is read as transformers 5
 writes it (``rope_parameters``) and as older folders have it (``rope_scaling``, ``rope_theta``).
 """
@@ -28,7 +28,7 @@ class Family:
     permute_qk: bool = False  # rotary over interleaved pairs in llama.cpp, halves in transformers
     norm_shift: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
     rope_types: tuple[str, ...] = ("default",)
-    qkv_per_head: bool = False  # fused qkv rows as [head][q|k|v] (BLOOM); llama.cpp wants [q|k|v][head]
+    fused_qkv: bool = False  # qkv rows per kv group [group][q..|k|v] (BLOOM, Falcon); llama.cpp: [q|k|v]
     hf_prefix: str = ""  # stripped before gguf's name map (it knows BLOOM's names without "transformer.")
     tied: bool = False  # tie_word_embeddings when config.json leaves it out
 
@@ -42,7 +42,9 @@ FAMILIES = {
     "Gemma2ForCausalLM": Family("gemma2", norm_shift=1.0),
     "Gemma3ForCausalLM": Family("gemma3", norm_shift=1.0, rope_types=("default", "linear")),
     # ALiBi positions and LayerNorm with biases: llama.cpp's bloom graph (no rope keys written)
-    "BloomForCausalLM": Family("bloom", qkv_per_head=True, hf_prefix="transformer.", tied=True),
+    "BloomForCausalLM": Family("bloom", fused_qkv=True, hf_prefix="transformer.", tied=True),
+    # rotary (neox), attention and MLP in parallel from the same LayerNorm (two in the 40B shape)
+    "FalconForCausalLM": Family("falcon", fused_qkv=True, tied=True),
 }
 
 # older config.json names (BLOOM's), read as today's
@@ -117,13 +119,35 @@ def check(config: dict[str, Any], model_dir: Path) -> Family:
             f"--model {model_dir}: BLOOM with apply_residual_connection_post_layernorm=true is not what "
             f"llama.cpp's bloom graph computes; {CONVERTER}"
         )
+    if family.gguf == "falcon":
+        check_falcon(config, model_dir)
     return family
+
+
+def check_falcon(config: dict[str, Any], model_dir: Path) -> None:
+    """llama.cpp's falcon graph: rotary positions, attention and MLP in parallel, no biases."""
+    for key, bad, what in (
+        ("alibi", True, "ALiBi positions (llama.cpp's falcon is rotary)"),
+        ("parallel_attn", False, "attention and MLP in sequence (llama.cpp's falcon runs them in parallel)"),
+        ("bias", True, "linear biases (llama.cpp's falcon has none)"),
+    ):
+        if bool(config.get(key, not bad)) == bad:
+            raise UserError(f"--model {model_dir}: Falcon with {key}={str(bad).lower()}: {what}; {CONVERTER}")
+
+
+def qkv_groups(config: dict[str, Any]) -> int:
+    """The kv groups of a fused qkv (each: its query heads, one key head, one value head): Falcon's
+    new decoder has num_kv_heads, its multi-query shape one, BLOOM and the rest one per head."""
+    n_head = config["num_attention_heads"]
+    if config.get("new_decoder_architecture"):
+        return config.get("num_kv_heads") or n_head
+    return 1 if config.get("multi_query") else n_head
 
 
 def add_metadata(writer: Any, config: dict[str, Any], family: Family, name: str, file_type: int) -> None:
     """Architecture metadata: the keys llama.cpp's loader reads for the family."""
-    if family.gguf == "bloom":
-        return add_bloom_metadata(writer, config, name, file_type)
+    if family.gguf in ("bloom", "falcon"):
+        return add_fused_metadata(writer, config, family, name, file_type)
     n_head = config["num_attention_heads"]
     rope = rope_params(config)
     writer.add_name(name)
@@ -165,17 +189,23 @@ def add_metadata(writer: Any, config: dict[str, Any], family: Family, name: str,
             writer.add_sliding_window(int(config.get("sliding_window") or 4096))
 
 
-def add_bloom_metadata(writer: Any, config: dict[str, Any], name: str, file_type: int) -> None:
-    """BLOOM's keys: no rope (llama.cpp applies ALiBi with BLOOM's slopes), LayerNorm (not RMS),
-    a 4x feed-forward and as many key/value heads as query heads."""
-    hidden, n_head = config["hidden_size"], config["num_attention_heads"]
+def add_fused_metadata(
+    writer: Any, config: dict[str, Any], family: Family, name: str, file_type: int
+) -> None:
+    """BLOOM's and Falcon's keys: LayerNorm (not RMS), key/value heads as the fused qkv groups them;
+    BLOOM without rope (llama.cpp applies ALiBi with BLOOM's slopes), Falcon's rope base."""
+    hidden = config["hidden_size"]
     writer.add_name(name)
-    writer.add_context_length(int(config.get("seq_length") or BLOOM_CONTEXT))
+    if family.gguf == "bloom":
+        writer.add_context_length(int(config.get("seq_length") or BLOOM_CONTEXT))
+    else:
+        writer.add_context_length(int(config.get("max_position_embeddings") or BLOOM_CONTEXT))
+        writer.add_rope_freq_base(float(rope_params(config)["rope_theta"]))
     writer.add_embedding_length(hidden)
     writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(4 * hidden)  # BloomMLP is always 4 x hidden
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head)
+    writer.add_feed_forward_length(int(config.get("ffn_hidden_size") or 4 * hidden))  # BLOOM: always 4x
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(qkv_groups(config))
     writer.add_layer_norm_eps(float(config.get("layer_norm_epsilon") or 1e-5))
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(file_type)
@@ -214,7 +244,7 @@ def extra_tensors(config: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def transform(data: np.ndarray, gguf_name: str, family: Family, config: dict[str, Any]) -> np.ndarray:
-    """One tensor as llama.cpp wants it: q/k rows permuted, Gemma norms shifted, BLOOM's qkv regrouped."""
+    """One tensor as llama.cpp wants it: q/k rows permuted, Gemma norms shifted, fused qkv regrouped."""
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
     if family.permute_qk and gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
@@ -223,15 +253,19 @@ def transform(data: np.ndarray, gguf_name: str, family: Family, config: dict[str
         data = permute_qk(data, n_kv)
     if family.norm_shift and gguf_name.endswith("norm.weight"):
         data = data + np.float32(family.norm_shift)
-    if family.qkv_per_head and gguf_name.endswith(("attn_qkv.weight", "attn_qkv.bias")):
-        data = qkv_blocks(data, n_head)
+    if family.fused_qkv and gguf_name.endswith(("attn_qkv.weight", "attn_qkv.bias")):
+        data = qkv_blocks(data, n_head, qkv_groups(config))
     return data
 
 
-def qkv_blocks(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Fused qkv rows from per head ([head][q|k|v][head_dim], BLOOM) to per kind
-    ([q|k|v][head][head_dim], what llama.cpp splits into q, k and v); weight or bias."""
-    return w.reshape(n_head, 3, w.shape[0] // n_head // 3, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+def qkv_blocks(w: np.ndarray, n_head: int, n_groups: int) -> np.ndarray:
+    """Fused qkv rows from per kv group ([group][its query heads, a key, a value][head_dim]: BLOOM
+    with a group per head, Falcon) to per kind ([all q][all k][all v], what llama.cpp splits);
+    weight or bias."""
+    rest = w.shape[1:]
+    g = w.reshape(n_groups, n_head // n_groups + 2, w.shape[0] // (n_head + 2 * n_groups), *rest)
+    q, k, v = g[:, :-2], g[:, -2], g[:, -1]
+    return np.concatenate([x.reshape(-1, *rest) for x in (q, k, v)])
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:

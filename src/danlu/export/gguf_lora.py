@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from danlu.errors import UserError
-from danlu.export.gguf_arch import FAMILIES, permute_qk, qkv_blocks
+from danlu.export.gguf_arch import FAMILIES, permute_qk, qkv_blocks, qkv_groups
 
 
 @dataclass
@@ -102,8 +102,8 @@ def export_lora_gguf(
                 data = permute_qk(data, n_head)
             elif side == "b" and family.permute_qk and name.endswith("attn_k.weight"):
                 data = permute_qk(data, n_kv)
-            elif side == "b" and family.qkv_per_head and name.endswith("attn_qkv.weight"):
-                data = qkv_blocks(data, n_head)  # B's rows are the fused qkv rows
+            elif side == "b" and family.fused_qkv and name.endswith("attn_qkv.weight"):
+                data = qkv_blocks(data, n_head, qkv_groups(config))  # B's rows are the fused qkv rows
             pairs.setdefault(name, {})[side] = data
 
     out.parent.mkdir(parents=True, exist_ok=True)

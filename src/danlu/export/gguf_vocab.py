@@ -2,7 +2,7 @@
 
 Two kinds of ``tokenizer.json`` reach llama.cpp's two BPE-like tokenizers:
 
-- byte-level BPE (GPT-2, Llama-3, Qwen, SmolLM, BLOOM): ``gpt2`` with the merges and the name of the
+- byte-level BPE (GPT-2, Llama-3, Qwen, SmolLM, BLOOM, Falcon): ``gpt2`` with the merges and the name of the
   pre-split regex llama.cpp knows it by;
 - SentencePiece-style BPE with byte fallback (Llama-2, Mistral, Phi-3, Gemma): ``llama`` (SPM),
   whose merge order lives in token scores, so each piece scores minus the rank of the first merge
@@ -34,6 +34,8 @@ LLAMA_CPP_PRE_NAMES = ("llama-bpe", "qwen2", "gpt-4o", "tekken")
 # Pre-split regexes llama.cpp implements that transformers' table lacks, as tokenizer.json spells them:
 # BLOOM's (llama.cpp's 'bloom' regex writes the same character class without the nested brackets)
 LLAMA_CPP_MORE_SPLITS = {" ?[^(\\s|[.,!?…。，、।۔،])]+": "bloom"}
+# Falcon's tokenizer.json: punctuation runs, GPT-2's byte-level regex, digits, runs of three digits
+FALCON_STEPS = ["Punctuation", "ByteLevel", "Digits", "Split"]
 
 
 def tokenizer_kind(tok: dict[str, Any]) -> str:
@@ -55,6 +57,8 @@ def pre_tokenizer_name(tok: dict[str, Any]) -> str:
     regexes = [(s.get("pattern") or {}).get("Regex") for s in steps if s.get("type") == "Split"]
     digits = [s for s in steps if s.get("type") == "Digits" and s.get("individual_digits")]
     bytelevel = [s for s in steps if s.get("type") == "ByteLevel"]
+    if [s.get("type") for s in steps] == FALCON_STEPS and regexes == ["[0-9][0-9][0-9]"]:
+        return "falcon"
     if len(regexes) == 1 and regexes[0] in LLAMA_CPP_MORE_SPLITS and len(steps) == 2:
         if bytelevel and not bytelevel[0].get("use_regex", True):  # the split alone, then bytes
             return LLAMA_CPP_MORE_SPLITS[regexes[0]]
