@@ -20,6 +20,8 @@ import numpy as np
 from danlu.errors import UserError
 
 CONVERTER = "use llama.cpp's convert_hf_to_gguf.py"
+# for shapes llama.cpp's graph for the family does not compute (its converter would write them wrong)
+NO_GRAPH = "llama.cpp cannot run it; serve the folder itself (danlu serve --model DIR)"
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def check(config: dict[str, Any], model_dir: Path) -> Family:
         # llama.cpp's bloom graph adds the block's input, not its normalized input, to the residual
         raise UserError(
             f"--model {model_dir}: BLOOM with apply_residual_connection_post_layernorm=true is not what "
-            f"llama.cpp's bloom graph computes; {CONVERTER}"
+            f"llama.cpp's bloom graph computes; {NO_GRAPH}"
         )
     if family.gguf == "falcon":
         check_falcon(config, model_dir)
@@ -132,7 +134,7 @@ def check_falcon(config: dict[str, Any], model_dir: Path) -> None:
         ("bias", True, "linear biases (llama.cpp's falcon has none)"),
     ):
         if bool(config.get(key, not bad)) == bad:
-            raise UserError(f"--model {model_dir}: Falcon with {key}={str(bad).lower()}: {what}; {CONVERTER}")
+            raise UserError(f"--model {model_dir}: Falcon with {key}={str(bad).lower()}: {what}; {NO_GRAPH}")
 
 
 def qkv_groups(config: dict[str, Any]) -> int:
