@@ -258,3 +258,53 @@ def test_preference_settings_mistakes_are_one_line(tiny_model_dir, tmp_path, ove
     with pytest.raises(UserError, match=message):
         train(config(tiny_model_dir, tmp_path, "train.objective=dpo", override), progress=False)
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_learn_what_one_process_learns(tiny_model_dir, tmp_path):
+    """9 pairs, a global batch of 4: the last micro-batch of an epoch leaves one rank without a pair."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": f"Who are you, number {i}?", "chosen": SHORT, "rejected": LONG[: 20 + i]}
+            for i in range(9)
+        ],
+    )
+
+    def write(name: str, batch: int):
+        cfg = {
+            "model": {"path": str(tiny_model_dir)},
+            "data": {"path": str(data)},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {
+                "objective": "dpo",
+                "max_steps": 4,
+                "batch_size": batch,
+                "lr": 1e-2,
+                "scheduler": "constant",
+            },
+            "output": {"dir": str(tmp_path / name), "tensorboard": False},
+        }
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        return load_config(tmp_path / f"{name}.yaml")
+
+    from danlu.train import train
+
+    train(write("one", 4), progress=False)
+    write("two", 2)
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "danlu", "train", str(tmp_path / "two.yaml"), "--nproc", "2", "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (metric_rows(tmp_path / n) for n in ("one", "two"))
+    assert len(two) == 4
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "rewards_chosen", "rewards_rejected", "rewards_accuracy"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4), (a["step"], key)

@@ -161,8 +161,9 @@ class Preference:
         loss = result.losses.sum() * scale / max(totals["items"], 1)
         if nll is not None:  # ORPO: the chosen replies' token loss, a mean over the step's tokens
             loss = loss + nll * scale / max(totals["chosen_tokens"], 1)
-        sums = objectives.metric_sums(result, self.name != "kto") if keep else {}
-        return loss, sums
+        sums = objectives.metric_sums(result, self.name != "kto")
+        # a rank without items still sends every key: each all_sum in metrics() is a collective
+        return loss, sums if keep else dict.fromkeys(sums, 0.0)
 
     def metrics(self, sums: dict, world: Any, device: str) -> dict[str, float]:
         summed = {k: distributed.all_sum(float(v), world, device) for k, v in sorted(sums.items())}
