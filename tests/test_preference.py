@@ -308,3 +308,23 @@ def test_ddp_two_processes_learn_what_one_process_learns(tiny_model_dir, tmp_pat
     for a, b in zip(one, two, strict=True):
         for key in ("loss", "rewards_chosen", "rewards_rejected", "rewards_accuracy"):
             assert b[key] == pytest.approx(a[key], abs=1e-4), (a["step"], key)
+
+
+def test_a_record_the_template_refuses_is_skipped_under_on_error_skip(tokenizer, tmp_path, monkeypatch):
+    import danlu.data.preference as prefs
+    from danlu.data.render import RecordError
+
+    real = prefs.encode_reply
+
+    def refusing(tok, prompt, reply, stops, kwargs=None):
+        if "number 3" in prompt[-1]["content"]:
+            raise RecordError("the chat template refuses this record (boom)")
+        return real(tok, prompt, reply, stops, kwargs)
+
+    monkeypatch.setattr(prefs, "encode_reply", refusing)
+    path, stops = write_pairs(tmp_path), stop_token_ids(tokenizer)
+    with pytest.raises(UserError, match=r"prefs.jsonl:4: the chat template refuses this record \(boom\)"):
+        build(DataConfig(path=[str(path)]), tokenizer, stops, "dpo")
+    train, _, summary = build(DataConfig(path=[str(path)], on_error="skip"), tokenizer, stops, "dpo")
+    assert len(train) == summary.records == 7 and summary.skipped == 1
+    assert summary.skipped_where == [f"{path}:4"]

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from danlu.config import DataConfig
+from danlu.data import reasoning
 from danlu.data.dataset import DataSummary, collate, split_eval
 from danlu.data.formats import Message, Record, apply_columns, to_messages
 from danlu.data.render import IGNORE, Sample, assistant_spans, encode_texts, label
@@ -154,7 +155,7 @@ def _shape(messages: list[Message], cfg: DataConfig) -> list[Message]:
         out.append({**m, "content": content})
     if cfg.system is not None and out[0]["role"] != "system":
         out = [{"role": "system", "content": cfg.system}, *out]
-    return out
+    return reasoning.strip(out) if cfg.reasoning == "strip" else out
 
 
 Parsed = tuple[Record, list[Message], list[str], bool | None]
@@ -201,11 +202,17 @@ def load(cfg: DataConfig, objective: str, paths: list[str] | None = None) -> tup
 
 
 def encode_reply(
-    tokenizer: Any, prompt: list[Message], reply: str, stop_ids: set[int]
+    tokenizer: Any,
+    prompt: list[Message],
+    reply: str,
+    stop_ids: set[int],
+    template_kwargs: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(prompt ids, reply ids): the reply as SFT trains it after ``prompt``, with its stop token."""
     messages = [*prompt, {"role": "assistant", "content": reply}]
-    renderings = assistant_spans(tokenizer, messages, loss_on="last_assistant")
+    renderings = assistant_spans(
+        tokenizer, messages, loss_on="last_assistant", template_kwargs=template_kwargs or None
+    )
     text, spans = next((t, s) for t, s in renderings if s)
     [(ids, ranges)] = encode_texts(tokenizer, [text], [spans])
     label(tokenizer, ids, ranges, len(ids), stop_ids)  # refuses a template that never stops
@@ -228,16 +235,26 @@ def fit(
     return prompt, [r[:budget] for r in replies], longest > budget
 
 
-def tokenize(parsed: list[Parsed], tokenizer: Any, cfg: DataConfig, stop_ids: set[int]) -> list[Item]:
-    """Token ids of every record; KTO replies get the previous record's reply as ``other``."""
+def tokenize(
+    parsed: list[Parsed],
+    tokenizer: Any,
+    cfg: DataConfig,
+    stop_ids: set[int],
+    skipped: SkipReport | None = None,
+) -> list[Item]:
+    """Token ids of every record; KTO replies get the previous record's reply as ``other``. A
+    record the template cannot render is an error, or, with ``data.on_error=skip``, left out."""
     items: list[Item] = []
     for record, prompt, replies, flag in parsed:
         try:
-            encoded = [encode_reply(tokenizer, prompt, r, stop_ids) for r in replies]
+            encoded = [encode_reply(tokenizer, prompt, r, stop_ids, cfg.template_kwargs) for r in replies]
+            if any(len(p) != len(encoded[0][0]) or (p != encoded[0][0]).any() for p, _ in encoded):
+                raise UserError("the chat template renders the prompt differently per reply")
         except UserError as e:
-            raise UserError(f"{record.where()}: {e}") from None
-        if any(len(p) != len(encoded[0][0]) or (p != encoded[0][0]).any() for p, _ in encoded):
-            raise UserError(f"{record.where()}: the chat template renders the prompt differently per reply")
+            if cfg.on_error != "skip" or skipped is None:
+                raise UserError(f"{record.where()}: {e}") from None
+            skipped.add(record.where(), str(e))
+            continue
         ids, cut, lost = fit(encoded[0][0], [r for _, r in encoded], cfg.max_seq_length)
         if flag is None:
             items.append(Pair(ids, cut[0], cut[1], lost))
@@ -263,10 +280,8 @@ def build(
     if cfg.eval_path:
         eval_part, more = load(cfg, objective, cfg.eval_path)
         skipped.items += more.items
-    train, evals = (
-        tokenize(train_part, tokenizer, cfg, stop_ids),
-        tokenize(eval_part, tokenizer, cfg, stop_ids),
-    )
+    train = tokenize(train_part, tokenizer, cfg, stop_ids, skipped)
+    evals = tokenize(eval_part, tokenizer, cfg, stop_ids, skipped)
     if not train:
         raise UserError(
             f"{', '.join(cfg.path)}: no record has a reply left within data.max_seq_length; raise it"
@@ -275,7 +290,7 @@ def build(
     summary = DataSummary(
         path=", ".join(cfg.path),
         format="kto" if objective == "kto" else "pairs",
-        records=len(parsed),
+        records=len(train) + len(evals),
         samples=len(train),
         truncated=sum(i.truncated for i in train),
         tokens=sum(len(r.input_ids) for r in rows),
