@@ -35,6 +35,11 @@ FAMILIES = {
         "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. </s><s>[INST] Name? [/INST] Danlu. </s>",
         [" Hello. </s>", " Danlu. </s>"],
     ),
+    "mistral": (
+        {"bos_token": "<s>", "eos_token": "</s>"},
+        "<s>[INST] Be brief.\n\nHi [/INST]Hello.</s>[INST] Name? [/INST]Danlu.</s>",
+        ["Hello.</s>", "Danlu.</s>"],
+    ),
     "llama3": (
         {
             "bos_token": "<|begin_of_text|>",
@@ -128,6 +133,7 @@ def test_family_template_renders_its_format_and_trains_replies_with_their_stop(t
 def test_generation_prompts_end_where_the_reply_starts(tokenizer):
     expected = {
         "llama2": "[INST] Name? [/INST]",
+        "mistral": "[INST] Name? [/INST]",
         "llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n",
         "gemma": "<start_of_turn>model\n",
         "phi3": "<|assistant|>\n",

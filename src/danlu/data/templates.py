@@ -178,12 +178,14 @@ def _named(name: str, jinja: str) -> str:
     return _HEAD.replace("NAME", name) + jinja
 
 
-# Mistral (v0.1 style, plus a system prompt before the first [INST]), Alpaca and Vicuna: replies
-# end with the tokenizer's EOS.
+# Mistral (v0.1 style; a system prompt goes inside the next [INST], before the user's text, where
+# Mistral's own tokenizers and Ollama's template put it), Alpaca and Vicuna: replies end with the
+# tokenizer's EOS.
 _MISTRAL = r"""{{- bos_token }}
+{%- set ns = namespace(system='') %}
 {%- for m in messages %}
-    {%- if m.role == 'user' %}{{- '[INST] ' + m.content + ' [/INST]' }}
-    {%- elif m.role == 'system' %}{{- m.content + '\n\n' }}
+    {%- if m.role == 'user' %}{{- '[INST] ' + ns.system + m.content + ' [/INST]' }}{%- set ns.system = '' %}
+    {%- elif m.role == 'system' %}{%- set ns.system = m.content + '\n\n' %}
     {%- elif m.role == 'assistant' %}{{- m.content + eos_token }}
     {%- else %}{{- wrong_role(m.role) }}
     {%- endif %}
