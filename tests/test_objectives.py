@@ -161,7 +161,8 @@ def ours(objective: str, plain, items, fast: bool = True, **settings) -> torch.T
     pref.pad_id, pref.options = 0, ALL if fast else None
     pref.reference = "adapter" if objective in objectives.NEEDS_REFERENCE else "none"
     totals = {"items": len(items), "chosen_tokens": sum(len(i.chosen) for i in items if isinstance(i, Pair))}
-    loss, _ = pref.loss(SequenceLogps(plain, pref.options), items, totals, "cpu", ONE)
+    module = SequenceLogps(plain, pref.options) if fast else plain  # as Preference.prepare returns it
+    loss, _ = pref.loss(module, items, totals, "cpu", ONE)
     return loss
 
 

@@ -261,8 +261,12 @@ def test_preference_settings_mistakes_are_one_line(tiny_model_dir, tmp_path, ove
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_learn_what_one_process_learns(tiny_model_dir, tmp_path):
-    """9 pairs, a global batch of 4: the last micro-batch of an epoch leaves one rank without a pair."""
+@pytest.mark.parametrize(("strategy", "method"), [("ddp", "lora"), ("fsdp", "full"), ("zero2", "lora")])
+def test_two_processes_learn_what_one_process_learns(tiny_model_dir, tmp_path, strategy, method):
+    """9 pairs, a global batch of 4: the last micro-batch of an epoch leaves one rank without a pair.
+    FSDP2 and ZeRO take the plain path (the model's own forward, which they hook)."""
+    if strategy == "zero2":
+        pytest.importorskip("deepspeed")
     import subprocess
     import sys
 
@@ -276,16 +280,18 @@ def test_ddp_two_processes_learn_what_one_process_learns(tiny_model_dir, tmp_pat
         ],
     )
 
-    def write(name: str, batch: int):
+    def write(name: str, batch: int, strategy: str = "auto"):
         cfg = {
             "model": {"path": str(tiny_model_dir)},
             "data": {"path": str(data)},
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
             "train": {
                 "objective": "dpo",
+                "method": method,
+                "strategy": strategy,
                 "max_steps": 4,
                 "batch_size": batch,
-                "lr": 1e-2,
+                "lr": 1e-2 if method == "lora" else 1e-3,
                 "scheduler": "constant",
             },
             "output": {"dir": str(tmp_path / name), "tensorboard": False},
@@ -296,7 +302,7 @@ def test_ddp_two_processes_learn_what_one_process_learns(tiny_model_dir, tmp_pat
     from danlu.train import train
 
     train(write("one", 4), progress=False)
-    write("two", 2)
+    write("two", 2, strategy)
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "danlu", "train", str(tmp_path / "two.yaml"), "--nproc", "2", "--no-progress"],

@@ -87,7 +87,9 @@ class Preference:
             and fast_loss_supports(model)
         )
         self.options = ALL if fast and self._fast_agrees(model, items[:2], device, dtype) else None
-        return SequenceLogps(model, self.options)
+        # the fast path's log-probs become the forward DDP wraps; the plain path keeps the model's own
+        # forward, which FSDP2 and ZeRO hook (they find the decoder layers in the model itself)
+        return SequenceLogps(model, self.options) if self.options is not None else model
 
     @torch.no_grad()
     def _fast_agrees(self, model: Any, items: list, device: str, dtype: torch.dtype) -> bool:
@@ -156,7 +158,8 @@ class Preference:
         self, model: Any, batch: list[data.Item], totals: dict, device: str, world: Any
     ) -> tuple[torch.Tensor, dict[str, float]]:
         part, keep = _shard(batch, world)
-        result, nll = self._losses(model, distributed.unwrap(model), part, device)
+        policy = model if self.options is not None else lambda b: sequence_logps(model, b, None)
+        result, nll = self._losses(policy, distributed.unwrap(model), part, device)
         scale = world.size * keep
         loss = result.losses.sum() * scale / max(totals["items"], 1)
         if nll is not None:  # ORPO: the chosen replies' token loss, a mean over the step's tokens
