@@ -95,6 +95,17 @@ def test_attention_stays_within_each_sequence():
     torch.testing.assert_close(out, ref)
 
 
+GEMMA3 = {  # local then global layer, their own rotary (the global one scaled, as Gemma-3 4B's)
+    "head_dim": 16,
+    "query_pre_attn_scalar": 24,  # the attention's scale is not head_dim's
+    "sliding_window": 5,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+    },
+}
+
 # sliding windows shorter than the batch's sequences (24, 15 and 6 tokens): the window matters
 SHAPES = {
     "llama": ("llama", {}),
@@ -108,6 +119,7 @@ SHAPES = {
         "qwen2",
         {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
     ),
+    "gemma3": ("gemma3_text", GEMMA3),
 }
 
 
@@ -119,6 +131,10 @@ def test_loss_and_lora_gradients_equal_transformers_forward(shape, checkpointing
     model_type, extra = SHAPES[shape]
     base = small(model_type, **extra)
     assert decoder.supports(base)
+    with torch.no_grad():  # Gemma's norms start at zero (a scale of 1 + weight): make every norm count
+        for name, p in base.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn_like(p))
     if checkpointing:
         base.gradient_checkpointing_enable({"use_reentrant": False})
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
@@ -168,12 +184,36 @@ def test_windows_are_applied_where_a_layer_has_one():
     )
 
 
+def test_gemma_norm_and_geglu_are_transformers_arithmetic_to_the_bit_in_bf16():
+    """Gemma's RMSNorm scales by 1 + weight in fp32 and casts last (Llama casts, then scales): in
+    bf16 the order shows, so the kernel must match Gemma3RMSNorm exactly; GeGLU likewise."""
+    from transformers.activations import ACT2FN
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    from danlu.fast import kernels
+
+    torch.manual_seed(4)
+    norm = Gemma3RMSNorm(64, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_(0, 0.5)
+    x = torch.randn(40, 64, dtype=torch.bfloat16) * 3
+    assert torch.equal(kernels.gemma_rms_norm(x, norm.weight, norm.eps), norm(x))
+    llama_order = (1.0 + norm.weight) * kernels.rms_norm(x, torch.ones_like(norm.weight), norm.eps)
+    assert not torch.equal(llama_order, norm(x))  # the order of the casts is seen here
+    gate, up = torch.randn(2, 40, 64, dtype=torch.bfloat16)
+    assert torch.equal(kernels.geglu(gate, up), ACT2FN["gelu_pytorch_tanh"](gate) * up)
+
+
 @pytest.mark.parametrize(
     "model_type, extra, why",
     [
         ("llama", {"attention_dropout": 0.1}, "attention dropout"),
         ("phi3", {"pad_token_id": 0, "resid_pdrop": 0.1}, "residual dropout"),
         ("phi3", {"pad_token_id": 0, "partial_rotary_factor": 0.5}, "rotary over half of each head"),
+        ("gemma3_text", {**GEMMA3, "attn_logit_softcapping": 50.0}, "soft-capped attention logits"),
+        ("gemma3_text", {**GEMMA3, "use_bidirectional_attention": True}, "bidirectional attention"),
+        ("gemma3_text", {**GEMMA3, "attention_dropout": 0.1}, "attention dropout"),
+        ("gemma3_text", {**GEMMA3, "hidden_activation": "gelu"}, "exact GELU, not GeGLU's tanh form"),
     ],
 )
 def test_other_decoders_fall_back_to_transformers_forward(model_type, extra, why):

@@ -166,7 +166,7 @@ def test_ddp_takes_the_compiled_fast_path_and_matches_one_process_on_cuda(tiny_m
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3", "phi3", "mistral-window"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "phi3", "mistral-window", "gemma3_text"])
 @pytest.mark.parametrize("lengths", ["mixed", "equal"])
 def test_padding_free_decoder_agrees_with_transformers_in_bf16_on_cuda(lengths, model_type):
     """Flash varlen attention (mixed lengths) or cuDNN attention (equal lengths) + compiled
@@ -183,6 +183,13 @@ def test_padding_free_decoder_agrees_with_transformers_in_bf16_on_cuda(lengths, 
         "qwen3": {"head_dim": 64},
         "phi3": {"pad_token_id": 0},
         "mistral-window": {"sliding_window": 32},
+        # Gemma-3: its norms in bf16, GeGLU, a local layer (window shorter than rows) and a global one
+        "gemma3_text": {
+            "head_dim": 64,
+            "query_pre_attn_scalar": 48,
+            "sliding_window": 32,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
     }.get(model_type, {})
     q_proj = "qkv_proj" if model_type == "phi3" else "q_proj"
     config = AutoConfig.for_model(

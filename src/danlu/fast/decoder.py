@@ -12,6 +12,7 @@ Adapters saved from this path are the same files as from the plain path.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -23,32 +24,70 @@ from danlu.fast import Options, kernels, lora
 from danlu.fast.offload import Offloader
 from danlu.fast.varlen import Flat, attention
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
 """model_type values whose decoder layers are exactly: RMSNorm, attention with rotary embedding
 (Qwen3's RMSNorm over each query and key head before the rotary embedding; Phi-3's query, key and
 value from one fused projection; a sliding window where the config sets one), residual, RMSNorm,
-SwiGLU MLP (Phi-3's gate and up from one fused projection), residual. Each is checked equal to
-transformers' forward (tests/test_fast_decoder.py), and every run checks its loss against the
-model's own on its first samples before training (danlu.train.fast_loss_agrees)."""
+SwiGLU MLP (Phi-3's gate and up from one fused projection), residual. Gemma-3 (text) differs in
+ways written out here: embeddings scaled (by its own embedding module), every RMSNorm scaling by
+``1 + weight`` in fp32, per-head query/key norms, the attention's and the MLP's outputs normed
+again before each residual add, a GeGLU MLP (tanh GELU), and local (sliding-window) and global
+layers each with their own rotary tables. Each is checked equal to transformers' forward
+(tests/test_fast_decoder.py), and every run checks its loss against the model's own on its first
+samples before training (danlu.train.fast_loss_agrees)."""
+
+GEMMA = ("gemma3_text",)
+"""The architectures of :data:`ARCHITECTURES` with Gemma's norms and GeGLU MLP."""
+
+_ACTIVATION = {"gemma3_text": ("hidden_activation", "gelu_pytorch_tanh")}
+"""Where a config names its MLP's activation and the one this decoder computes (else hidden_act, silu)."""
 
 
 def supports(lm: Any) -> bool:
     """Whether ``lm`` (a causal LM, unwrapped) has the decoder this module knows how to run."""
     config = getattr(lm, "config", None)
-    if (
-        getattr(config, "model_type", None) not in ARCHITECTURES
-        or getattr(config, "hidden_act", None) != "silu"
-        or _dropout(config)
-    ):
+    model_type = getattr(config, "model_type", None)
+    key, activation = _ACTIVATION.get(model_type, ("hidden_act", "silu"))
+    if model_type not in ARCHITECTURES or getattr(config, key, None) != activation or _dropout(config):
         return False
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
+    if model_type in GEMMA and not _gemma_known(config):
+        return False
+    if any(_partial_rotary(config, rope) for rope in _ropes(config, model_type in GEMMA)):
         return False  # rotary over part of each head (Phi-4-mini): not written here
     decoder = lm.get_decoder()
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
     if not all(hasattr(decoder, n) for n in needed):
         return False
-    return all(_layer_known(layer) for layer in decoder.layers)
+    gemma = model_type in GEMMA
+    if gemma != _per_layer_type(decoder.rotary_emb):
+        return False
+    return all(_layer_known(layer, gemma) for layer in decoder.layers)
+
+
+def _gemma_known(config: Any) -> bool:
+    """Whether a Gemma-3 config asks for nothing more than :func:`hidden_states` computes: no soft
+    cap on attention or output logits, causal attention (not bidirectional), local and global layers."""
+    return (
+        getattr(config, "attn_logit_softcapping", None) is None
+        and getattr(config, "final_logit_softcapping", None) is None
+        and not getattr(config, "use_bidirectional_attention", False)
+        and set(getattr(config, "layer_types", None) or ()) <= {"sliding_attention", "full_attention"}
+    )
+
+
+def _ropes(config: Any, per_layer_type: bool) -> list[dict[str, Any]]:
+    """The config's rotary parameters: one set, or (Gemma-3) one per layer type."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    return [r or {} for r in rope.values()] if per_layer_type else [rope]
+
+
+def _partial_rotary(config: Any, rope: dict[str, Any]) -> bool:
+    return rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0
+
+
+def _per_layer_type(rotary: Any) -> bool:
+    """Whether the rotary module computes its tables per layer type (Gemma-3: local and global)."""
+    return "layer_type" in inspect.signature(rotary.forward).parameters
 
 
 def _dropout(config: Any) -> bool:
@@ -58,9 +97,9 @@ def _dropout(config: Any) -> bool:
     return any(float(getattr(config, n, 0.0) or 0.0) > 0.0 for n in names)
 
 
-def _layer_known(layer: Any) -> bool:
+def _layer_known(layer: Any, gemma: bool = False) -> bool:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    if attn is None or mlp is None or not hasattr(layer, "input_layernorm"):
+    if attn is None or mlp is None:
         return False
     split = all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj"))
     if not (split or hasattr(attn, "qkv_proj")) or not all(
@@ -74,8 +113,23 @@ def _layer_known(layer: Any) -> bool:
     window = sliding_window(attn)
     if window is not None and (not isinstance(window, int) or window < 1):
         return False
-    norms = [getattr(attn, n) for n in ("q_norm", "k_norm") if hasattr(attn, n)]
-    return all(hasattr(m, "weight") and hasattr(m, "variance_epsilon") for m in norms)
+    if gemma and (not hasattr(attn, "q_norm") or getattr(attn, "layer_type", None) is None):
+        return False
+    names = _NORMS if gemma else _NORMS[:2]
+    norms = [getattr(layer, n, None) for n in names] + [
+        getattr(attn, n) for n in ("q_norm", "k_norm") if hasattr(attn, n)
+    ]
+    eps = "eps" if gemma else "variance_epsilon"
+    return all(hasattr(m, "weight") and hasattr(m, eps) for m in norms)
+
+
+_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
+"""A layer's norms: Llama's two, Gemma-3's four (where the second norms the attention's output)."""
 
 
 def sliding_window(attn: Any) -> int | None:
@@ -89,12 +143,12 @@ def sliding_window(attn: Any) -> int | None:
 def hidden_states(lm: Any, flat: Flat, options: Options) -> torch.Tensor:
     """The final (normed) hidden states [T, hidden] of ``flat``'s tokens."""
     decoder = lm.get_decoder()
-    x = decoder.embed_tokens(flat.input_ids)
-    cos, sin = decoder.rotary_emb(x, flat.position_ids.unsqueeze(0))
-    cos, sin = cos[0], sin[0]
+    gemma = lm.config.model_type in GEMMA
+    x = decoder.embed_tokens(flat.input_ids)  # Gemma's module scales them
+    tables = _rotary_tables(decoder, x, flat.position_ids)
     whole = compiles_layers(options, x.device)
-    ops = _Ops(x.device, options.fused and not whole, options.lora, options.dense)
-    offload = _offloader(options, x.device, cos, sin)
+    ops = _Ops(x.device, options.fused and not whole, options.lora, options.dense, gemma)
+    offload = _offloader(options, x.device, *(t for pair in tables.values() for t in pair))
     # a 4-bit base's compiled checkpoint must be told to dequantize again rather than keep the result
     saved = _checkpointed_4bit if whole and getattr(lm, "hf_quantizer", None) is not None else _checkpointed
     if whole:
@@ -107,6 +161,7 @@ def hidden_states(lm: Any, flat: Flat, options: Options) -> torch.Tensor:
     parts = (_attention_half, _mlp_half) if whole and options.split else (_layer,)
     keeps = keeps_attention(lm, options, x.device)
     for layer in decoder.layers:
+        cos, sin = tables[getattr(layer.self_attn, "layer_type", None) if gemma else None]
         keep_less = (
             getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()
         )
@@ -127,8 +182,24 @@ def hidden_states(lm: Any, flat: Flat, options: Options) -> torch.Tensor:
                 x = x.detach().requires_grad_()
             with offload.saving(x):
                 x = kept(part, layer, x, cos, sin, flat, ops)
-    rms_norm = kernels.pick(kernels.rms_norm, options.fused, x.device)
-    return rms_norm(x, decoder.norm.weight, decoder.norm.variance_epsilon)
+    rms_norm = kernels.pick(kernels.gemma_rms_norm if gemma else kernels.rms_norm, options.fused, x.device)
+    return rms_norm(x, decoder.norm.weight, decoder.norm.eps if gemma else decoder.norm.variance_epsilon)
+
+
+def _rotary_tables(
+    decoder: Any, x: torch.Tensor, positions: torch.Tensor
+) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
+    """cos and sin [T, head_dim] of ``positions``: under None, or (Gemma-3) per layer type, each
+    from that type's rotary parameters (local and global layers rotate at different bases)."""
+    rotary = decoder.rotary_emb
+    if not _per_layer_type(rotary):
+        cos, sin = rotary(x, positions.unsqueeze(0))
+        return {None: (cos[0], sin[0])}
+    tables = {}
+    for kind in dict.fromkeys(layer.self_attn.layer_type for layer in decoder.layers):
+        cos, sin = rotary(x, positions.unsqueeze(0), kind)
+        tables[kind] = cos[0], sin[0]
+    return tables
 
 
 def compiles_layers(options: Options, device: torch.device) -> bool:
@@ -137,12 +208,20 @@ def compiles_layers(options: Options, device: torch.device) -> bool:
 
 
 class _Ops:
-    def __init__(self, device: torch.device, fused: bool, fused_lora: bool, dense: bool) -> None:
-        self.rms_norm = kernels.pick(kernels.rms_norm, fused, device)
+    def __init__(
+        self, device: torch.device, fused: bool, fused_lora: bool, dense: bool, gemma: bool = False
+    ) -> None:
+        norm = kernels.gemma_rms_norm if gemma else kernels.rms_norm
+        self.rms_norm = kernels.pick(norm, fused, device)
         self.rope = kernels.pick(kernels.rope, fused, device)
-        self.swiglu = kernels.pick(kernels.swiglu, fused, device)
+        self.act = kernels.pick(kernels.geglu if gemma else kernels.swiglu, fused, device)
         self.project = lora.project if fused_lora else _plain_project
         self.dense = dense
+        self.gemma = gemma  # Gemma's norms (epsilon named eps), four of them a layer
+
+    def norm(self, x: torch.Tensor, module: Any) -> torch.Tensor:
+        """``module`` (an RMSNorm of the model's) applied to ``x`` by the picked kernel."""
+        return self.rms_norm(x, module.weight, module.eps if self.gemma else module.variance_epsilon)
 
 
 Part = Callable[..., torch.Tensor]  # _layer or one of its halves: (layer, x, cos, sin, flat, ops) -> x
@@ -276,7 +355,7 @@ def _attention_half(
     layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: Flat, ops: _Ops
 ) -> torch.Tensor:
     attn = layer.self_attn
-    h = ops.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+    h = ops.norm(x, layer.input_layernorm)
     if hasattr(attn, "qkv_proj"):  # Phi-3: one projection, queries then keys then values
         q_size = attn.config.num_attention_heads * attn.head_dim
         kv_size = attn.num_key_value_heads * attn.head_dim
@@ -284,25 +363,30 @@ def _attention_half(
     else:
         q, k, v = ops.project([attn.q_proj, attn.k_proj, attn.v_proj], h)
     q, k = q.unflatten(-1, (-1, attn.head_dim)), k.unflatten(-1, (-1, attn.head_dim))
-    if hasattr(attn, "q_norm"):  # Qwen3: each head's query and key normed before the rotary embedding
-        q = ops.rms_norm(q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
-        k = ops.rms_norm(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
+    if hasattr(attn, "q_norm"):  # Qwen3, Gemma-3: each head's query and key normed before the rotary
+        q, k = ops.norm(q, attn.q_norm), ops.norm(k, attn.k_norm)
     q, k = ops.rope(q, k, cos, sin)
     v = v.unflatten(-1, (-1, attn.head_dim))
     o = attention(q, k, v, flat, attn.scaling, ops.dense, sliding_window(attn))
-    return x + ops.project([attn.o_proj], o.flatten(-2))[0]
+    o = ops.project([attn.o_proj], o.flatten(-2))[0]
+    if ops.gemma:  # the attention's output normed before the residual add
+        o = ops.norm(o, layer.post_attention_layernorm)
+    return x + o
 
 
 def _mlp_half(
     layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: Flat, ops: _Ops
 ) -> torch.Tensor:
-    mlp, norm = layer.mlp, layer.post_attention_layernorm
-    h = ops.rms_norm(x, norm.weight, norm.variance_epsilon)
+    mlp = layer.mlp
+    h = ops.norm(x, layer.pre_feedforward_layernorm if ops.gemma else layer.post_attention_layernorm)
     if hasattr(mlp, "gate_up_proj"):  # Phi-3: one projection, the gate's half first
         gate, up = ops.project([mlp.gate_up_proj], h)[0].chunk(2, dim=-1)
     else:
         gate, up = ops.project([mlp.gate_proj, mlp.up_proj], h)
-    return x + ops.project([mlp.down_proj], ops.swiglu(gate, up))[0]
+    out = ops.project([mlp.down_proj], ops.act(gate, up))[0]
+    if ops.gemma:  # the MLP's output normed before the residual add
+        out = ops.norm(out, layer.post_feedforward_layernorm)
+    return x + out
 
 
 def _plain_project(modules: list[Any], x: torch.Tensor) -> list[torch.Tensor]:

@@ -1,7 +1,7 @@
-"""RMSNorm, rotary embedding and SwiGLU: the memory-bound steps between a decoder's matmuls.
+"""RMSNorm, rotary embedding and SwiGLU / GeGLU: the memory-bound steps between a decoder's matmuls.
 
-Written in plain torch with exactly the arithmetic of transformers' Llama modules (RMSNorm in
-fp32, rotary in the activation dtype), so the two paths give the same numbers. On CUDA each is
+Written in plain torch with exactly the arithmetic of transformers' Llama and Gemma-3 modules
+(RMSNorm in fp32, rotary in the activation dtype), so the two paths give the same numbers. On CUDA each is
 compiled by torch.compile (Inductor writes one Triton kernel for the forward and one for the
 backward of each, instead of the 4-8 separate reads and writes of the eager ops); with dynamic
 shapes, so batches of any token count reuse the same kernels. On the CPU they run eagerly.
@@ -26,6 +26,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: the scale is ``1 + weight``, applied in fp32 before the cast back (Llama
+    casts first and multiplies by ``weight`` in the activation dtype)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + weight.float())).to(x.dtype)
+
+
 def rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,6 +44,11 @@ def rope(
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Gemma's MLP activation (``gelu_pytorch_tanh``): GELU's tanh approximation of the gate, times up."""
+    return F.gelu(gate, approximate="tanh") * up
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
