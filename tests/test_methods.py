@@ -187,6 +187,28 @@ def test_eval_prompts_record_base_answers_then_tuned_answers(tiny_model_dir, tmp
     assert samples[0]["samples"] != samples[-1]["samples"]  # training changed the answers
 
 
+def test_sample_answers_render_prompts_with_the_runs_template_kwargs(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from danlu.recipe import sample_answers
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = (  # a reasoning template: thinking off closes an empty think block
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
+        "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    )
+    seen: list[str] = []
+    real = tok.apply_chat_template
+    tok.apply_chat_template = lambda *a, **k: seen.append(real(*a, **k)) or seen[-1]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    stop = [tok.eos_token_id]
+    sample_answers(
+        model, tok, ["hi"], stop, "cpu", template_kwargs={"enable_thinking": False}, max_new_tokens=1
+    )
+    sample_answers(model, tok, ["hi"], stop, "cpu", max_new_tokens=1)
+    assert seen == ["<|user|>hi<|assistant|><think></think>", "<|user|>hi<|assistant|>"]
+
+
 def test_quantization_needs_lora_and_unknown_loggers_are_refused(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="needs train.method=lora"):
         cfg(tiny_model_dir, tmp_path, "train.method=full", "model.quantization=nf4")

@@ -324,7 +324,8 @@ def samples_at(run: Run, number: int, use_adapter: bool = True) -> None:
     world, prompts = run.world, run.cfg.train.eval_prompts
     if world.strategy in ("ddp", "zero2") and not world.main:
         return  # under FSDP2 and ZeRO-3 every rank must take part in each forward
-    answers = sample_answers(run.plain, run.tokenizer, prompts, run.stop_ids, run.device, use_adapter)
+    kwargs = run.cfg.data.template_kwargs  # e.g. enable_thinking, as the data was rendered
+    answers = sample_answers(run.plain, run.tokenizer, prompts, run.stop_ids, run.device, use_adapter, kwargs)
     run.tracker.log_samples(
         number, [{"prompt": q, "answer": a} for q, a in zip(prompts, answers, strict=True)]
     )
@@ -341,9 +342,11 @@ def sample_answers(
     stop_ids: list[int],
     device: str,
     use_adapter: bool = True,
+    template_kwargs: dict[str, Any] | None = None,
     max_new_tokens: int = 64,
 ) -> list[str]:
-    """Greedy answers to ``prompts`` through the chat template (XTuner's EvaluateChatHook, in-loop)."""
+    """Greedy answers to ``prompts`` through the chat template (XTuner's EvaluateChatHook, in-loop),
+    rendered with the run's ``data.template_kwargs``."""
     was_training = model.training
     model.eval()
     context = (
@@ -353,7 +356,10 @@ def sample_answers(
     with context:
         for prompt in prompts:
             text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+                [{"role": "user", "content": prompt}],
+                tokenize=False,
+                add_generation_prompt=True,
+                **(template_kwargs or {}),
             )
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
             out = model.generate(
