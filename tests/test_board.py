@@ -196,8 +196,9 @@ def test_preference_presets_show_their_objective_and_check_their_data_that_way(t
     from danlu.app.board import Board
 
     cfg = bc.board_config("prefer-short")
-    assert bc.form_values(cfg)["objective"] == "dpo"
-    assert bc.set_field(cfg, "objective", "orpo")["train"]["objective"] == "orpo"
+    assert bc.form_values(cfg)["objective"] == "orpo"  # the preset's, shown in the form
+    cfg = bc.set_field(cfg, "objective", "dpo")
+    assert cfg["train"]["objective"] == "dpo"
     for action in ("check", "preview"):
         args = bc.data_args(action, ["p.jsonl"], cfg)
         assert args[args.index("--objective") + 1] == "dpo"

@@ -103,7 +103,9 @@ def build(path: Path, tokenizer, model_type: str, **overrides) -> Path:
         initializer_range=0.2,
     )
     kwargs.update(overrides)
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}  # an override of None drops the key
+    kwargs = {
+        k: v for k, v in kwargs.items() if not (k in overrides and v is None)
+    }  # an override of None drops the key
     config = AutoConfig.for_model(model_type, **kwargs)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # norms away from 1 (and Gemma's away from 0), so a wrong shift shows

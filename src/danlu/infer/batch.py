@@ -117,6 +117,7 @@ class Batcher:
         self.groups: list[Group] = []
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
+        self.last_thread: threading.Thread | None = None  # the latest, which may still be ending
         self.steps = 0  # forwards run (for tests and benchmarks)
         self.widest = 0  # most rows decoded in one forward so far
 
@@ -129,6 +130,7 @@ class Batcher:
             self.waiting.append(request)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="danlu-decoder", daemon=True)
+                self.last_thread = self.thread
                 self.thread.start()
             self.cond.notify_all()
 
@@ -139,10 +141,12 @@ class Batcher:
             return len(self.waiting) + sum(len(g.rows) for g in self.groups)
 
     def shutdown(self, timeout: float = 30) -> None:
-        """Stop every reply and wait for the decoding thread to end."""
+        """Stop every reply and wait for the decoding thread to end: also one that has just said it
+        is done (``self.thread`` cleared) but is still leaving torch's inference mode, so that no
+        thread is inside torch while Python exits (which aborted a chat now and then)."""
         with self.cond:
             pending = list(self.waiting) + [r for g in self.groups for r in g.rows]
-            thread = self.thread
+            thread = self.thread or self.last_thread
         for r in pending:
             r.gen.stop()
         if thread is not None and thread is not threading.current_thread():
