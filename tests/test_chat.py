@@ -21,8 +21,11 @@ import pytest
 from danlu.app.cli import main
 from danlu.infer import Engine, GenerationSettings
 
+# the child takes Ctrl-C as a terminal's user would send it, even where the suite itself runs with
+# SIGINT ignored (started in the background from a script: `make test &`), which it would inherit
 SLOWED = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from danlu.infer import batch
 real = batch.Batcher._forward
 def slow(self, *args):
