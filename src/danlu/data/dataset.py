@@ -95,7 +95,7 @@ def load_conversations(
     """Read and shape the records of ``paths`` (default ``cfg.path``): messages, formats, skip report."""
     conversations, skipped = load_sources(cfg, paths)
     formats = _formats(conversations, cfg)
-    shaped = [(record, _shape(messages, cfg)) for record, messages in conversations]
+    shaped = [(record, shape_messages(messages, cfg)) for record, messages in conversations]
     if cfg.dedup:
         seen: set[str] = set()
         unique = []
@@ -133,8 +133,9 @@ def _formats(conversations: list[Conversation], cfg: DataConfig) -> str:
     return "+".join(sorted(set(names))) or "?"
 
 
-def _shape(messages: list[Message], cfg: DataConfig) -> list[Message]:
-    """Placeholders, plain replacements, the default system prompt, reasoning kept or stripped."""
+def shape_messages(messages: list[Message], cfg: DataConfig) -> list[Message]:
+    """Placeholders, plain replacements, the default system prompt, reasoning kept or stripped
+    (SFT records, and the preference objectives' prompt + replies)."""
     if cfg.placeholders or cfg.replace:
         out = []
         for m in messages:

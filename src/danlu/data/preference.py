@@ -28,8 +28,7 @@ import numpy as np
 import torch
 
 from danlu.config import DataConfig
-from danlu.data import reasoning
-from danlu.data.dataset import DataSummary, collate, split_eval
+from danlu.data.dataset import DataSummary, collate, shape_messages, split_eval
 from danlu.data.formats import Message, Record, apply_columns, to_messages
 from danlu.data.render import IGNORE, Sample, assistant_spans, encode_texts, label
 from danlu.data.sources import SkipReport, expand, read_file
@@ -143,21 +142,6 @@ def parse(record: Record) -> tuple[str, list[Message], list[str], bool | None]:
     return which, messages[:-1], [messages[-1]["content"]], bool(flag)
 
 
-def _shape(messages: list[Message], cfg: DataConfig) -> list[Message]:
-    """Placeholders, replacements and the default system prompt, as SFT shapes its records."""
-    out = []
-    for m in messages:
-        content = m["content"]
-        for key, value in cfg.placeholders.items():
-            content = content.replace("{{" + key + "}}", value)
-        for old, new in cfg.replace.items():
-            content = content.replace(old, new)
-        out.append({**m, "content": content})
-    if cfg.system is not None and out[0]["role"] != "system":
-        out = [{"role": "system", "content": cfg.system}, *out]
-    return reasoning.strip(out) if cfg.reasoning == "strip" else out
-
-
 Parsed = tuple[Record, list[Message], list[str], bool | None]
 
 
@@ -181,7 +165,9 @@ def load(cfg: DataConfig, objective: str, paths: list[str] | None = None) -> tup
                             f"{record.where()}: a {which} record, which train.objective={objective} "
                             f"does not read; set {fix}"
                         )
-                    shaped = _shape([*prompt, *({"role": "assistant", "content": r} for r in replies)], cfg)
+                    shaped = shape_messages(
+                        [*prompt, *({"role": "assistant", "content": r} for r in replies)], cfg
+                    )
                 except UserError as e:
                     if cfg.on_error != "skip":
                         raise
