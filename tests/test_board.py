@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import time
 import urllib.request
@@ -25,23 +24,14 @@ from typing import Any
 import pytest
 import yaml
 
+from browser import CHROMIUM
+from browser import browser_page as page_at
 from danlu.app import board_config as bc
 from danlu.app import board_runs as br
 from danlu.app.board_view import plan_markdown, progress_html, samples_html
 from danlu.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 IDENTITY = bc.PRESETS / "identity.json"
 
 
@@ -494,17 +484,8 @@ def serving(runs: Path) -> Iterator[tuple[str, Any]]:
         board.close()
 
 
-@contextmanager
 def browser_page(url: str) -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 1000})
-            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
-            yield page
-        finally:
-            browser.close()
+    return page_at(url, 1200, 1000)
 
 
 def field(page: Any, elem_id: str) -> Any:

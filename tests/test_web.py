@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -19,6 +18,9 @@ from typing import Any
 
 import pytest
 
+from browser import CHROMIUM
+from browser import browser_page as page_at
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr = pytest.importorskip("gradio")
 
@@ -27,17 +29,6 @@ from danlu.infer import Engine, GenerationSettings  # noqa: E402
 from danlu.infer.batch import wait_idle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 GREEDY = GenerationSettings(max_new_tokens=12, temperature=0, repetition_penalty=1.0)
 
 
@@ -121,17 +112,8 @@ def serving(engine: Engine, label: str, defaults: GenerationSettings = GREEDY) -
         demo.close()
 
 
-@contextmanager
 def browser_page(url: str) -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
-            yield page
-        finally:
-            browser.close()
+    return page_at(url, 1100, 900)
 
 
 def send(page: Any, text: str, button: bool = False) -> None:
