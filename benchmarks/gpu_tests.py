@@ -37,6 +37,10 @@ CONSTRAINTS = ROOT / "src" / "danlu" / "constraints.txt"
 # what the GPU machine's image lacks (it has torch, transformers, peft, accelerate, pytest, ...)
 MISSING = ["bitsandbytes", "deepspeed", "gguf", "hjson", "pydantic", "pydantic-core", "annotated-types",
            "typing-inspection"]  # fmt: skip
+# the serving and preference tests' own libraries: trl and datasets alone (the image has pyarrow,
+# pandas, fsspec), the server's with what they need (minus what is bundled above)
+MISSING += ["trl", "datasets", "dill", "multiprocess", "xxhash"]
+WITH_DEPS = ["fastapi", "uvicorn", "openai"]
 STACK = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "deepspeed"]
 DEVICE_PYTHON = "3.12"
 
@@ -61,6 +65,13 @@ def bundle() -> int:
                 f"--python-version={DEVICE_PYTHON}", "--implementation=cp", *platforms, "-d", str(BUNDLE)]  # fmt: skip
     built = [pinned(n) for n in MISSING if n == "deepspeed"]  # an sdist: built here as a pure-Python wheel
     subprocess.run(download + [pinned(n) for n in MISSING if n != "deepspeed"], check=True)
+    with tempfile.TemporaryDirectory() as extra:
+        deps = [a for a in download[:-1] if a != "--no-deps"]  # the same, but into `extra`, with deps
+        subprocess.run([*deps, extra, "-c", str(CONSTRAINTS), *(pinned(n) for n in WITH_DEPS)], check=True)
+        have = {_project(p) for p in BUNDLE.glob("*.whl")}
+        for wheel in Path(extra).glob("*.whl"):
+            if _project(wheel) not in have:
+                wheel.rename(BUNDLE / wheel.name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                     "-w", str(BUNDLE), *built], check=True, env={**os.environ, "DS_BUILD_OPS": "0"})  # fmt: skip
     from danlu.model import load_tokenizer, resolve
@@ -73,6 +84,11 @@ def bundle() -> int:
     size = sum(p.stat().st_size for p in BUNDLE.rglob("*") if p.is_file()) / 2**20
     print(f"wrote {BUNDLE} ({size:.1f} MiB): carry it to the GPU machine with the tree")
     return 0
+
+
+def _project(wheel: Path) -> str:
+    """A wheel file's project name, normalised (``Pydantic_Core-2.1-...whl`` -> ``pydantic-core``)."""
+    return wheel.name.split("-")[0].lower().replace("_", "-")
 
 
 def outcomes(junit: Path) -> list[dict]:

@@ -175,7 +175,9 @@ def _case(
 ) -> dict[str, Any]:
     log(f"== {name}: {case.what}")
     if case.objective == "dpo":
-        return _dpo_case(case, s, device, peak, log)
+        from danlu import bench_dpo
+
+        return bench_dpo.case(case, s, device, peak, log)
     shape, model_type, folder = model_of(name, case, s, device)
     if case.varlen:  # warmup and timed steps see different samples; both paths the same ones
         warm, timed = _varlen_samples(shape["vocab_size"], s)
@@ -215,49 +217,6 @@ def _case(
         rel = [abs(a - b) / abs(b) for a, b in zip(best.losses, base.losses, strict=False)]
         summary["loss_max_rel_diff"] = max(rel)
         summary["loss_mean_rel_diff"] = statistics.fmean(rel)
-    log(
-        f"  danlu / baseline: {summary['speedup']:.2f}x tokens/s, {summary['memory_ratio'] or 0:.2f}x peak memory"
-    )
-    return {"what": case.what, "shape": case.shape, "paths": [r.__dict__ for r in results], **summary}
-
-
-def _dpo_case(
-    case: Case, s: Settings, device: str, peak: float, log: Callable[[str], None]
-) -> dict[str, Any]:
-    """TRL's DPOTrainer + peft against danlu's DPO step on the same pairs (see :mod:`danlu.bench_dpo`)."""
-    from danlu import bench_dpo
-
-    shape, model_type = SMOKE_SHAPE if s.smoke else SHAPES[case.shape], model_type_of(case.shape)
-    rows = random_rows(shape["vocab_size"], 2 * s.batch * (s.steps + s.warmup), s.seq, seed=1)
-    rows = [(ids, s.seq // 2) for ids, _ in rows]  # each branch: half prompt, half reply
-    pairs = [rows[i : i + 2 * s.batch] for i in range(0, len(rows), 2 * s.batch)]
-    batches = [bench_dpo.pair_batch(pad_rows(p)) for p in pairs]
-    warm, timed = batches[: s.warmup], batches[s.warmup :]
-    results = []
-    for label in ("baseline: TRL DPOTrainer + peft, checkpointing", FULL[0]):
-        base = _build(shape, model_type, device)
-        if label.startswith("baseline"):
-            model, step = bench_dpo.trl_model(base, list(LINEARS), bf16=device == "cuda")
-        else:
-            model, step = (
-                prepare(base, _config(), torch.bfloat16, quantized=False),
-                bench_dpo.danlu_step(fast.ALL),
-            )
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], _config(), device)
-        res = measure(label, model, optimizer, step, warm, timed, device)
-        res.mfu = _flops(shape, timed) / sum(res.step_s) / 1e12 / peak
-        results.append(res)
-        log(f"  {label}: {res.tokens_per_s:,.0f} tokens/s, MFU {res.mfu:.1%}, peak {res.peak_gib:.2f} GiB")
-        del model, optimizer, base
-        free_memory()
-    base_r, ours = results
-    rel = [abs(a - b) / max(abs(b), 1e-6) for a, b in zip(ours.losses, base_r.losses, strict=False)]
-    summary = {
-        "speedup": ours.tokens_per_s / base_r.tokens_per_s,
-        "memory_ratio": ours.peak_gib / base_r.peak_gib if base_r.peak_gib else None,
-        "loss_max_rel_diff": max(rel),
-        "loss_mean_rel_diff": statistics.fmean(rel),
-    }
     log(
         f"  danlu / baseline: {summary['speedup']:.2f}x tokens/s, {summary['memory_ratio'] or 0:.2f}x peak memory"
     )

@@ -1,32 +1,114 @@
 """``danlu bench``'s DPO case: TRL's ``DPOTrainer`` with peft (the peers' way) against danlu's DPO step.
 
-Both get the same batches: ``[chosen..., rejected...]`` rows of a prompt and a reply, with a
-``completion_mask`` (TRL's collator layout) and labels (danlu's). The baseline is TRL's own loss
-(``DPOTrainer.compute_loss``: the model's forward with its fused LM head, the reference as the
-adapter disabled, gradient checkpointing as its config sets it); danlu's is what ``danlu train``
-runs for ``train.objective: dpo``: both branches in one padding-free batch, the chunked per-row
-log-probs, the reference as the adapter disabled, under the same compiled layers.
+Both get the same batches: ``[chosen..., rejected...]`` rows of a prompt and a reply (each pair's
+two rows share their prompt, as preference data does), with a ``completion_mask`` (TRL's collator
+layout) and labels (danlu's). The baseline is TRL's own loss (``DPOTrainer.compute_loss``: the
+model's forward with its fused LM head, the reference as the adapter disabled, gradient
+checkpointing as its config sets it); danlu's is what ``danlu train`` runs for
+``train.objective: dpo``: both branches in one padding-free batch with each pair's prompt run once
+(:mod:`danlu.fast.pairs`), the chunked per-row log-probs, the reference as the adapter disabled,
+under the same compiled layers. A middle row runs danlu with the prompt once per reply, to show
+what the sharing brings. Every path starts from the same LoRA weights, so the loss curves compare.
+Tokens/s count both whole rows of each pair (the data's tokens), whatever a path runs.
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from danlu import objectives
+from danlu import bench, fast, objectives
+from danlu.bench_cases import Case
 from danlu.data.render import IGNORE
-from danlu.fast import Options
+from danlu.fast import Options, pairs
 from danlu.fast.loss import sequence_logps
+from danlu.methods import make_optimizer, prepare
 
 BETA = 0.1
 
 
-def pair_batch(padded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A padded batch of ``[chosen..., rejected...]`` rows with TRL's ``completion_mask`` added."""
-    return {**padded, "completion_mask": (padded["labels"] != IGNORE).long()}
+PATHS = [
+    ("baseline: TRL DPOTrainer + peft, checkpointing", None),
+    ("danlu fast, each pair's prompt run twice", fast.Options(prefix=False)),
+    ("danlu fast (train.fast=auto)", fast.ALL),
+]
+
+
+def case(c: Case, s: bench.Settings, device: str, peak: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """TRL's DPOTrainer + peft against danlu's DPO step on the same pairs, from the same LoRA start."""
+    shape = bench.SMOKE_SHAPE if s.smoke else bench.SHAPES[c.shape]
+    model_type = bench.model_type_of(c.shape)
+    rows = bench.random_rows(shape["vocab_size"], 2 * s.batch * (s.steps + s.warmup), s.seq, seed=1)
+    half = s.seq // 2  # each branch: half prompt, half reply
+    batches = []
+    for i in range(0, len(rows), 2 * s.batch):
+        chosen, rejected = rows[i : i + s.batch], rows[i + s.batch : i + 2 * s.batch]
+        rejected = [
+            (c_ids[:half] + r_ids[half:], 0) for (c_ids, _), (r_ids, _) in zip(chosen, rejected, strict=True)
+        ]
+        batches.append(
+            pair_batch(bench.pad_rows([(ids, half) for ids, _ in chosen + rejected]), [half] * s.batch)
+        )
+    warm, timed = batches[: s.warmup], batches[s.warmup :]
+    results = []
+    for label, options in PATHS:
+        base = bench._build(shape, model_type, device)
+        if options is None:
+            model, step = trl_model(base, list(bench.LINEARS), bf16=device == "cuda")
+        else:
+            model = prepare(base, bench._config(), torch.bfloat16, quantized=False)
+            step = danlu_step(options)
+        same_start(model)
+        optimizer = make_optimizer(
+            [p for p in model.parameters() if p.requires_grad], bench._config(), device
+        )
+        res = bench.measure(label, model, optimizer, step, warm, timed, device)
+        res.mfu = bench._flops(shape, timed) / sum(res.step_s) / 1e12 / peak
+        results.append(res)
+        log(f"  {label}: {res.tokens_per_s:,.0f} tokens/s, MFU {res.mfu:.1%}, peak {res.peak_gib:.2f} GiB")
+        del model, optimizer, base
+        bench.free_memory()
+    base_r, ours = results[0], results[-1]
+    rel = [abs(a - b) / max(abs(b), 1e-6) for a, b in zip(ours.losses, base_r.losses, strict=False)]
+    summary = {
+        "speedup": ours.tokens_per_s / base_r.tokens_per_s,
+        "memory_ratio": ours.peak_gib / base_r.peak_gib if base_r.peak_gib else None,
+        "loss_max_rel_diff": max(rel),
+        "loss_mean_rel_diff": statistics.fmean(rel),
+    }
+    log(
+        f"  danlu / baseline: {summary['speedup']:.2f}x tokens/s, {summary['memory_ratio'] or 0:.2f}x peak memory"
+    )
+    return {"what": c.what, "shape": c.shape, "paths": [r.__dict__ for r in results], **summary}
+
+
+def pair_batch(padded: dict[str, torch.Tensor], prompts: list[int]) -> dict[str, torch.Tensor]:
+    """A padded batch of ``[chosen..., rejected...]`` rows with TRL's ``completion_mask`` and the
+    pairs' prompt lengths (danlu's) added."""
+    return {
+        **padded,
+        "completion_mask": (padded["labels"] != IGNORE).long(),
+        pairs.PROMPT_LENGTHS: pairs.prompt_lengths(prompts),
+    }
+
+
+def same_start(model: Any) -> None:
+    """Every LoRA A matrix drawn from a generator seeded by its layer and projection, every B zero:
+    TRL's trainer and danlu build their adapters through different random streams."""
+    for name, p in model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            where = name[name.index("layers.") :].split(".lora_")[0]
+            g = torch.Generator().manual_seed(sum(ord(ch) * (i + 1) for i, ch in enumerate(where)))
+            with torch.no_grad():
+                if ".lora_A." in name:
+                    bound = 1 / p.shape[1] ** 0.5  # peft's default (Kaiming uniform, a = sqrt(5))
+                    p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=g))
+                else:
+                    p.zero_()
 
 
 def _tokenizer() -> Any:
@@ -81,7 +163,7 @@ def danlu_step(options: Options) -> Callable[[Any, dict[str, torch.Tensor]], tor
     """danlu's DPO step (what :class:`danlu.preference.Preference` computes for LoRA)."""
 
     def step(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        rows = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        rows = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", pairs.PROMPT_LENGTHS)}
         n = rows["input_ids"].shape[0] // 2
         logps, _ = sequence_logps(model, rows, options)
         with torch.no_grad(), model.disable_adapter():

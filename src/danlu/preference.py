@@ -27,7 +27,7 @@ from danlu.data import preference as data
 from danlu.data.dataset import collate
 from danlu.data.render import Sample
 from danlu.errors import UserError
-from danlu.fast import ALL, PLAIN_LOSS_STRATEGIES, Options
+from danlu.fast import ALL, PLAIN_LOSS_STRATEGIES, Options, pairs
 from danlu.fast.loss import SequenceLogps, sequence_logps
 from danlu.fast.loss import describe as fast_describe
 from danlu.fast.loss import supports as fast_loss_supports
@@ -99,7 +99,9 @@ class Preference:
             return True
         was_training = model.training
         model.eval()
-        batch = self._batch([r for item in items for r in data.rows_of(item)], device)
+        rows = [_branch(item, k) for k in (0, 1) for item in items]
+        prompts = [len(item.prompt) for item in items] if isinstance(items[0], data.Pair) else None
+        batch = self._batch(rows, device, prompts)  # pairs: the shared prompt checked too
         mixed = device == "cuda" and dtype != torch.float32
         try:
             with torch.autocast("cuda", dtype=dtype) if mixed else nullcontext():
@@ -195,18 +197,29 @@ class Preference:
 
     # ------------------------------------------------------------------- the math
 
-    def _batch(self, rows: list[Sample], device: str) -> dict[str, torch.Tensor]:
-        return {k: v.to(device) for k, v in collate(rows, self.pad_id).items()}
+    def _batch(
+        self, rows: list[Sample], device: str, prompts: list[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The padded batch of ``rows``; with ``prompts`` (the pairs' prompt lengths, rows laid out as
+        ``[chosen..., rejected...]``) the fast path runs each pair's prompt once."""
+        batch = collate(rows, self.pad_id)
+        if prompts is not None:
+            batch[pairs.PROMPT_LENGTHS] = pairs.prompt_lengths(prompts)
+        return {k: v.to(device) for k, v in batch.items()}
 
-    def _logps(self, policy: Callable, rows: list[Sample], device: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return policy(self._batch(rows, device))
+    def _logps(
+        self, policy: Callable, rows: list[Sample], device: str, prompts: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return policy(self._batch(rows, device, prompts))
 
-    def _reference(self, plain: Any, rows: list[Sample], device: str, items: list) -> torch.Tensor:
+    def _reference(
+        self, plain: Any, rows: list[Sample], device: str, items: list, prompts: list[int] | None = None
+    ) -> torch.Tensor:
         if self.reference == "cache":
             values = [item.ref[k] for k in (0, 1) for item in items]
             return torch.tensor(values, dtype=torch.float32, device=device)
         with torch.no_grad(), plain.disable_adapter():
-            return sequence_logps(plain, self._batch(rows, device), self.options)[0]
+            return sequence_logps(plain, self._batch(rows, device, prompts), self.options)[0]
 
     def _losses(
         self, policy: Callable, plain: Any, items: list, device: str
@@ -216,9 +229,10 @@ class Preference:
         if isinstance(items[0], data.Labelled):
             return self._kto(policy, plain, items, device), None
         rows = [data.row(p.prompt, p.chosen) for p in items] + [data.row(p.prompt, p.rejected) for p in items]
-        sums, counts = self._logps(policy, rows, device)
+        prompts = [len(p.prompt) for p in items]
+        sums, counts = self._logps(policy, rows, device, prompts)
         if self.name == "dpo":
-            ref = self._reference(plain, rows, device, items)
+            ref = self._reference(plain, rows, device, items, prompts)
             return objectives.dpo(sums[:n], sums[n:], ref[:n], ref[n:], s.b, s.label_smoothing), None
         avg = sums / counts.clamp(min=1)
         if self.name == "simpo":
@@ -247,7 +261,8 @@ class Preference:
         for i in range(0, len(items), self.batch_size):
             part = items[i : i + self.batch_size]
             rows = [r for k in (0, 1) for item in part for r in [_branch(item, k)]]
-            sums = sequence_logps(plain, self._batch(rows, device), self.options)[0].tolist()
+            prompts = [len(item.prompt) for item in part] if isinstance(part[0], data.Pair) else None
+            sums = sequence_logps(plain, self._batch(rows, device, prompts), self.options)[0].tolist()
             out += [[sums[j], sums[len(part) + j]] for j in range(len(part))]
         plain.train(was_training)
         return out

@@ -17,6 +17,8 @@ The parts, each switchable for the benchmark's ablation (:class:`Options`):
   the backward does not run o_proj's forward again;
 - :mod:`danlu.fast.offload`: on CUDA, each checkpointed layer's input waits for the backward in
   CPU memory, copied out and back while other layers compute;
+- :mod:`danlu.fast.pairs`: a preference pair's prompt runs once, its chosen and rejected replies
+  both attending to it;
 - compiled and offloading, each attention half keeps its projections' and attention's outputs
   (in CPU memory too) instead of recomputing them in the backward.
 """
@@ -49,9 +51,18 @@ class Options:
     dense: bool = True  # equal-length sequences through cuDNN's attention, on CUDA (padding-free decoder)
     split: bool = True  # attention and MLP halves checkpointed apart: o_proj not recomputed (padding-free)
     keep: bool = True  # attention halves not recomputed: kept in CPU memory (compile, offload, split)
+    prefix: bool = True  # a preference pair's prompt run once for both replies (padding-free decoder)
 
 
 ALL = Options()
 LOSS_ONLY = Options(
-    varlen=False, fused=False, lora=False, compile=False, offload=False, dense=False, split=False, keep=False
+    varlen=False,
+    fused=False,
+    lora=False,
+    compile=False,
+    offload=False,
+    dense=False,
+    split=False,
+    keep=False,
+    prefix=False,
 )

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from danlu.data.render import IGNORE
-from danlu.fast import ALL, CHUNK, Options, decoder, kernels, varlen
+from danlu.fast import ALL, CHUNK, Options, decoder, kernels, pairs, varlen
 
 
 def supports(model: Any) -> bool:
@@ -167,7 +167,8 @@ def sequence_logps(
     """Per row of a padded batch: the summed log-probability of its labelled tokens and their
     count. ``options`` None runs the model's own forward (its full logits, the plain path);
     otherwise the hidden states (padding-free where :func:`loss_sum` would be) go through
-    :func:`chunked_token_logps`, never the whole logits."""
+    :func:`chunked_token_logps`, never the whole logits. A batch of pairs that carries
+    :data:`danlu.fast.pairs.PROMPT_LENGTHS` runs each pair's prompt once on the padding-free path."""
     rows = batch["input_ids"].shape[0]
     if options is None:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
@@ -179,7 +180,12 @@ def sequence_logps(
     else:
         lm = _causal_lm(model)
         head = lm.get_output_embeddings()
-        if options.varlen and decoder.supports(lm):
+        if options.varlen and options.prefix and decoder.supports(lm) and pairs.PROMPT_LENGTHS in batch:
+            flat, scored = pairs.flatten(batch)  # each pair's prompt once, for both replies
+            hidden = decoder.hidden_states(lm, flat, options)
+            row = scored.rows
+            logps = chunked_token_logps(hidden.index_select(0, scored.index), head.weight, scored.targets)
+        elif options.varlen and decoder.supports(lm):
             flat = varlen.flatten(batch)
             hidden = decoder.hidden_states(lm, flat, options)
             keep = flat.targets != IGNORE

@@ -37,6 +37,12 @@ class Flat:
     targets: torch.Tensor  # [T], the next token of the same sequence, IGNORE where none is trained
     cu_seqlens: torch.Tensor  # [n + 1] int32: sequence i is tokens cu_seqlens[i] : cu_seqlens[i + 1]
     max_len: int
+    # where sequences share a prefix (:mod:`danlu.fast.pairs`): the keys of sequence i are the tokens
+    # keys[cu_keys[i] : cu_keys[i + 1]] (a prefix held by another sequence, then its own tokens), and
+    # its queries are the last ones of those keys; None: each sequence's keys are its own tokens
+    keys: torch.Tensor | None = None  # [K] indices into the T tokens
+    cu_keys: torch.Tensor | None = None  # [n + 1] int32
+    max_keys: int = 0
 
 
 def flatten(batch: dict[str, torch.Tensor]) -> Flat:
@@ -75,9 +81,14 @@ def attention(
     # under autocast the projections come out in the autocast dtype, but rotary angles kept in fp32
     # (fp32 weights: full fine-tuning) promote q and k back; flash attention takes fp16/bf16 only
     dtype = compute_dtype(q)
-    window = window if window is not None and flat.max_len > window else None
+    shared = flat.keys is not None
+    longest = flat.max_keys if shared else flat.max_len
+    window = window if window is not None and longest > window else None
     flash = q.is_cuda and dtype in (torch.float16, torch.bfloat16)
-    if window is None and dense and flash and uniform(flat, q.shape[0]):
+    if shared:  # each sequence's keys: a prefix gathered from the sequence that holds it, then its own
+        k, v = k.index_select(0, flat.keys), v.index_select(0, flat.keys)
+    cu_keys = flat.cu_keys if shared else flat.cu_seqlens
+    if window is None and dense and flash and not shared and uniform(flat, q.shape[0]):
         return _dense(q.to(dtype), k.to(dtype), v.to(dtype), flat.cu_seqlens.numel() - 1, scale)
     if flash and _varlen_attn is not None and (window is None or "window_size" in _CAUSAL):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -86,18 +97,22 @@ def attention(
             k,
             v,
             flat.cu_seqlens,
-            flat.cu_seqlens,
+            cu_keys,
             flat.max_len,
-            flat.max_len,
-            **_causal(q, k, window),
+            longest,
+            **_causal(q, k, window),  # queries are the last keys: causal aligned at the bottom right
             scale=scale,
         )
     gqa = q.shape[1] != k.shape[1]
-    bounds = flat.cu_seqlens.tolist()
+    bounds, key_bounds = flat.cu_seqlens.tolist(), cu_keys.tolist()
     parts = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        q_, k_, v_ = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        mask = _band(end - start, window, q.device) if window is not None and end - start > window else None
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        q_ = q[start:end].transpose(0, 1).unsqueeze(0)
+        k_, v_ = (t[key_bounds[i] : key_bounds[i + 1]].transpose(0, 1).unsqueeze(0) for t in (k, v))
+        n_q, n_k = end - start, key_bounds[i + 1] - key_bounds[i]
+        mask = None
+        if n_k != n_q or (window is not None and n_k > window):
+            mask = _band(n_q, n_k, window, q.device)
         out = F.scaled_dot_product_attention(
             q_, k_, v_, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
         )
@@ -105,11 +120,12 @@ def attention(
     return torch.cat(parts)
 
 
-def _band(length: int, window: int, device: torch.device) -> torch.Tensor:
-    """[length, length] True where query i may see key j: j <= i and i - j < window."""
-    i = torch.arange(length, device=device)
-    gap = i[:, None] - i[None, :]
-    return (gap >= 0) & (gap < window)
+def _band(queries: int, keys: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[queries, keys] True where query i (the key ``i + keys - queries``) may see key j: j at or
+    before it and, with a window, less than ``window`` keys back."""
+    i = torch.arange(queries, device=device) + (keys - queries)
+    gap = i[:, None] - torch.arange(keys, device=device)[None, :]
+    return (gap >= 0) & (gap < window) if window is not None else gap >= 0
 
 
 def uniform(flat: Flat, tokens: int) -> bool:
