@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from danlu.infer.generation import Detokenizer, Generation
-from danlu.infer.sampling import GenerationSettings, Row, choose, generator_for
+from danlu.infer.sampling import GenerationSettings, Row, Sampler, rng_for, to_device
 
 
 class Busy(Exception):
@@ -54,12 +54,10 @@ class Request:
     tokenizer: Any
     row: Row = field(init=False)
     detok: Detokenizer = field(init=False)
-    pos: int = 0  # this row's tokens in the cache
-    last: int = -1  # the latest token, not yet in the cache
     done: bool = False
 
     def __post_init__(self) -> None:
-        self.row = Row(self.settings, self.prompt, [], None)
+        self.row = Row(self.settings, self.prompt, [], rng_for(self.settings.seed))
         self.detok = Detokenizer(self.tokenizer, self.settings.stop)
 
 
@@ -73,6 +71,9 @@ class Group:
     mask: torch.Tensor | None = None  # [rows, cache columns (+ prompt columns while prefilling)]
     cache: Any = None
     filled: int = 0  # prompt columns already in the cache
+    last: torch.Tensor | None = None  # [rows] each row's latest token, the next step's input
+    pos: torch.Tensor | None = None  # [rows] each row's tokens in the cache: the next position
+    sampler: Sampler = field(default_factory=Sampler)
 
     @property
     def prefilling(self) -> bool:
@@ -208,8 +209,6 @@ class Batcher:
             mask = torch.tensor(
                 [[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=self.device
             )
-            for r in rows:
-                r.row.generator = generator_for(r.settings.seed, self.device)
             groups.append(Group(key, rows, ids=ids, mask=mask))
         return groups
 
@@ -251,26 +250,24 @@ class Batcher:
             if end < width:
                 return
             group.ids = None
-            for r in group.rows:
-                r.pos = len(r.prompt)
-        else:
-            live = group.rows
-            ids = torch.tensor([[r.last] for r in live], device=self.device)
-            pos = torch.tensor([[r.pos] for r in live], device=self.device)
-            group.mask = torch.cat([group.mask, group.mask.new_ones(len(live), 1)], dim=1)
-            logits = self._forward(group, ids, group.mask, pos)
-            for r in live:
-                r.pos += 1
+            group.pos = to_device([len(r.prompt) for r in group.rows], torch.long, self.device)
+        else:  # every input comes from the device: nothing is built row by row
+            assert group.last is not None and group.pos is not None
+            group.mask = torch.cat([group.mask, group.mask.new_ones(len(group.rows), 1)], dim=1)
+            logits = self._forward(group, group.last[:, None], group.mask, group.pos[:, None])
+            group.pos = group.pos + 1
         self._accept(group, logits)
         self._leave(group)
 
     def _accept(self, group: Group, logits: torch.Tensor) -> None:
-        live = [i for i, r in enumerate(group.rows) if not r.done]
-        rows = [group.rows[i] for i in live]
-        tokens, entries = choose(
-            logits[live], [r.row for r in rows], lambda i, t: rows[i].tokenizer.decode([t])
+        """Pick every row's next token (one batched pick), then hand each reply its text."""
+        rows = group.rows
+        tokens, entries, group.last = group.sampler.choose(
+            logits, [r.row for r in rows], lambda i, t: rows[i].tokenizer.decode([t])
         )
         for r, token, entry in zip(rows, tokens, entries, strict=True):
+            if r.done:  # stopped before this step: its pick is dropped with the row
+                continue
             r.row.generated.append(token)
             r.gen.completion_tokens += 1
             if token in r.stops:
@@ -284,8 +281,6 @@ class Batcher:
                 r.gen._finish("stop")
             elif r.gen.completion_tokens >= r.gen.max_new_tokens:
                 self._end(r, "length")
-            else:
-                r.last = token
 
     def _end(self, r: Request, reason: str) -> None:
         r.done = True
@@ -305,12 +300,14 @@ class Batcher:
             return
         if group.prefilling:  # only at the end of a prefill, when the first tokens were picked
             return
+        index = torch.tensor(keep, device=self.device)
         try:
-            group.cache.batch_select_indices(torch.tensor(keep, device=self.device))
+            group.cache.batch_select_indices(index)
         except Exception:  # noqa: BLE001 - a cache that cannot drop rows keeps them, unread
             return
-        assert group.mask is not None
-        group.mask = group.mask[keep]
+        assert group.mask is not None and group.last is not None and group.pos is not None
+        group.mask, group.last, group.pos = group.mask[index], group.last[index], group.pos[index]
+        group.sampler.keep(index)
         group.rows = [group.rows[i] for i in keep]
         if _plain(group.cache):
             first = int(group.mask.any(dim=0).int().argmax())
@@ -341,6 +338,9 @@ class Batcher:
                     [_pad_left(la.values, width - a, 2), _pad_left(lb.values, width - b, 2)]
                 )
             into.mask = torch.cat([_pad_left(into.mask, width - a, 1), _pad_left(g.mask, width - b, 1)])
+            assert into.last is not None and g.last is not None and into.pos is not None and g.pos is not None
+            into.last, into.pos = torch.cat([into.last, g.last]), torch.cat([into.pos, g.pos])
+            into.sampler.reset()  # rebuilt for the joined rows at the next step that needs it
             into.rows = into.rows + g.rows
             with self.cond:
                 self.groups.remove(g)

@@ -1,14 +1,21 @@
-"""Per-request sampling settings and the next token for every row of a batch.
+"""Per-request sampling settings and the next token for every row of a batch, in batched ops.
 
 Each row of a decoding batch may carry its own settings: temperature, top-p, top-k, penalties,
-logit bias, seed and log-probabilities. :func:`choose` applies them to one step's logits, in
+logit bias, seed and log-probabilities. :class:`Sampler` applies them to one step's logits, in
 the order transformers' ``generate`` does (penalties and bias, then temperature, top-k, top-p),
 and returns one token per row. Log-probabilities are those of the model itself (its raw
 distribution, before penalties, bias and temperature), as vLLM reports them by default.
+
+The host work of a step does not grow with the rows' settings: every setting is a column of one
+tensor, the penalties' token counts live on the device (built once, then one scatter a step),
+and the draw is an inverse-CDF pick against one uniform number per row. Those numbers come from
+each row's own Python generator (seeded rows) or a shared one, so a seeded reply does not depend
+on what else is in the batch, and the whole step takes one device→host transfer (the tokens).
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,100 +95,174 @@ class TokenLogprob:
 
 @dataclass
 class Row:
-    """What :func:`choose` needs of one row: its settings, tokens so far, and random generator."""
+    """What :class:`Sampler` needs of one row: its settings, tokens so far, and random generator."""
 
     settings: GenerationSettings
     prompt: list[int]
     generated: list[int]
-    generator: torch.Generator | None = None
+    rng: random.Random | None = None  # a seeded row's own numbers (None: the shared generator)
 
 
-def generator_for(seed: int | None, device: Any) -> torch.Generator | None:
-    if seed is None:
-        return None
-    g = torch.Generator(device=device)
-    g.manual_seed(seed % 2**64)
-    return g
+_shared = random.Random()  # seeded from the OS: rows without a seed
 
 
-def _penalize(logits: torch.Tensor, rows: list[Row]) -> None:
-    """Repetition, presence and frequency penalties and logit bias, in place, row by row."""
-    for i, row in enumerate(rows):
-        s = row.settings
-        if s.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(row.prompt) | set(row.generated)), device=logits.device)
-            if len(seen):
-                score = logits[i, seen]
-                logits[i, seen] = torch.where(
-                    score < 0, score * s.repetition_penalty, score / s.repetition_penalty
-                )
-        if (s.presence_penalty or s.frequency_penalty) and row.generated:
-            ids, counts = torch.tensor(row.generated, device=logits.device).unique(return_counts=True)
-            logits[i, ids] -= counts.to(logits.dtype) * s.frequency_penalty + s.presence_penalty
-        if s.logit_bias:
-            ids = torch.tensor(list(s.logit_bias), device=logits.device)
-            logits[i, ids] += torch.tensor(list(s.logit_bias.values()), device=logits.device)
+def rng_for(seed: int | None) -> random.Random | None:
+    """A row's own generator for ``seed`` (None without one)."""
+    return None if seed is None else random.Random(seed % 2**64)
 
 
-def _sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-    """Temperature, top-k and top-p per row, then one draw per row (its own generator if seeded)."""
-    vocab = logits.shape[-1]
-    temps = torch.tensor([r.settings.temperature for r in rows], device=logits.device)
-    scaled = logits / temps.unsqueeze(-1)
-    ks = [min(r.settings.top_k, vocab) if r.settings.top_k > 0 else vocab for r in rows]
-    widest = max(ks)
-    if widest < vocab:
-        values, index = scaled.topk(widest, dim=-1)
-    else:
-        values, index = scaled.sort(dim=-1, descending=True)
-    rank = torch.arange(values.shape[-1], device=logits.device)
-    values = values.masked_fill(rank >= torch.tensor(ks, device=logits.device).unsqueeze(-1), float("-inf"))
-    probs = values.softmax(dim=-1)
-    top_p = torch.tensor([r.settings.top_p for r in rows], device=logits.device).unsqueeze(-1)
-    outside = probs.cumsum(dim=-1) - probs >= top_p  # tokens after the nucleus (the first always stays)
-    probs = probs.masked_fill(outside, 0.0)
-    picks = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-    unseeded = [i for i, r in enumerate(rows) if r.generator is None]
-    if unseeded:
-        picks[unseeded] = torch.multinomial(probs[unseeded], 1).squeeze(-1)
-    for i, r in enumerate(rows):
-        if r.generator is not None:
-            picks[i] = torch.multinomial(probs[i], 1, generator=r.generator)[0]
-    return index.gather(-1, picks.unsqueeze(-1)).squeeze(-1)
+def to_device(values: list, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """A small host list as a tensor on ``device`` without waiting for the device's queue."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
-def choose(
-    logits: torch.Tensor, rows: list[Row], text_of: Any
-) -> tuple[list[int], list[TokenLogprob | None]]:
-    """The next token of every row from one step's ``logits`` [rows, vocab], and its logprob entry
-    when the row asked for one. ``text_of(row_index, token_id)`` names a token for those entries."""
-    logits = logits.float()
-    wanted = [i for i, r in enumerate(rows) if r.settings.logprobs is not None]
-    raw = logits[wanted].log_softmax(dim=-1) if wanted else None
-    if any(
-        r.settings.repetition_penalty != 1.0
-        or r.settings.presence_penalty
-        or r.settings.frequency_penalty
-        or r.settings.logit_bias
-        for r in rows
-    ):
-        logits = logits.clone()
-        _penalize(logits, rows)
-    tokens = logits.argmax(dim=-1)
-    sampled = [i for i, r in enumerate(rows) if r.settings.temperature > 0]
-    if sampled:
-        tokens[sampled] = _sample(logits[sampled], [rows[i] for i in sampled])
-    chosen = tokens.tolist()
-    entries: list[TokenLogprob | None] = [None] * len(rows)
-    for j, i in enumerate(wanted):
-        assert raw is not None
-        token = chosen[i]
-        entry = TokenLogprob(text_of(i, token), token, float(raw[j, token]))
-        k = rows[i].settings.logprobs or 0
-        if k:
-            values, ids = raw[j].topk(k)
-            entry.top = [
-                (text_of(i, t), t, float(v)) for t, v in zip(ids.tolist(), values.tolist(), strict=True)
-            ]
-        entries[i] = entry
-    return chosen, entries
+def _penalized(s: GenerationSettings) -> bool:
+    return bool(s.repetition_penalty != 1.0 or s.presence_penalty or s.frequency_penalty or s.logit_bias)
+
+
+class Sampler:
+    """Picks the next token of every row of one decoding batch, all rows in the same few ops.
+
+    Keeps the batch's penalty state on the device: generated-token counts, prompt-or-generated
+    flags and the logit bias, [rows, vocab] each, built from the rows when first needed and then
+    updated by one scatter a step. The batch calls :meth:`keep` when rows leave and :meth:`reset`
+    when rows join (the state is then rebuilt once from the rows' token lists).
+    """
+
+    def __init__(self) -> None:
+        self.counts: torch.Tensor | None = None  # [rows, vocab] generated-token counts
+        self.seen: torch.Tensor | None = None  # [rows, vocab] in the prompt or generated
+        self.bias: torch.Tensor | None = None  # [rows, vocab] logit bias
+        self.columns: dict[str, torch.Tensor] = {}  # per-row settings as [rows, 1] columns
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Only the rows at ``index`` stay."""
+        if self.counts is not None:
+            self.counts, self.seen, self.bias = self.counts[index], self.seen[index], self.bias[index]
+        self.columns = {k: v[index] for k, v in self.columns.items()}
+
+    def reset(self) -> None:
+        self.counts = self.seen = self.bias = None
+        self.columns = {}
+
+    def _column(self, name: str, rows: list[Row], device: Any) -> torch.Tensor:
+        if name not in self.columns:
+            values = [float(getattr(r.settings, name)) for r in rows]
+            if name == "temperature":
+                values = [v if v > 0 else 1.0 for v in values]  # greedy rows take the argmax
+            if name == "top_k":
+                values = [v if v > 0 else float("inf") for v in values]
+            self.columns[name] = to_device(values, torch.float32, device).unsqueeze(-1)
+        return self.columns[name]
+
+    def _build(self, rows: list[Row], vocab: int, device: Any) -> None:
+        """The penalty state from the rows' token lists (once after rows join)."""
+        n = len(rows)
+        at = [i for i, r in enumerate(rows) for _ in r.generated]
+        ids = [t for r in rows for t in r.generated]
+        self.counts = torch.zeros(n, vocab, device=device)
+        self.counts.index_put_(
+            (to_device(at, torch.long, device), to_device(ids, torch.long, device)),
+            torch.ones(len(ids), device=device),
+            accumulate=True,
+        )
+        at = [i for i, r in enumerate(rows) for _ in r.prompt]
+        ids = [t for r in rows for t in r.prompt]
+        self.seen = self.counts > 0
+        self.seen[to_device(at, torch.long, device), to_device(ids, torch.long, device)] = True
+        self.bias = torch.zeros(n, vocab, device=device)
+        biased = [(i, t, b) for i, r in enumerate(rows) for t, b in (r.settings.logit_bias or {}).items()]
+        if biased:
+            i, t, b = zip(*biased, strict=True)
+            self.bias[to_device(list(i), torch.long, device), to_device(list(t), torch.long, device)] = (
+                to_device(list(b), torch.float32, device)
+            )
+
+    def _penalize(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+        """Repetition, presence and frequency penalties and logit bias, every row at once."""
+        if self.counts is None:
+            self._build(rows, logits.shape[-1], logits.device)
+        assert self.counts is not None and self.seen is not None and self.bias is not None
+        rep = self._column("repetition_penalty", rows, logits.device)
+        scaled = torch.where(logits < 0, logits * rep, logits / rep)
+        logits = torch.where(self.seen, scaled, logits)
+        presence = self._column("presence_penalty", rows, logits.device)
+        frequency = self._column("frequency_penalty", rows, logits.device)
+        return logits - self.counts * frequency - (self.counts > 0) * presence + self.bias
+
+    def _sample(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+        """Temperature, top-k and top-p, then one inverse-CDF draw per row."""
+        device, vocab = logits.device, logits.shape[-1]
+        scaled = logits / self._column("temperature", rows, device)
+        ks = [min(r.settings.top_k, vocab) if r.settings.top_k > 0 else vocab for r in rows]
+        cut_p = any(r.settings.top_p < 1 for r in rows)
+        if max(ks) < vocab or cut_p:
+            values, index = (
+                scaled.topk(max(ks), dim=-1) if max(ks) < vocab else scaled.sort(dim=-1, descending=True)
+            )
+            if min(ks) < values.shape[-1]:
+                rank = torch.arange(values.shape[-1], device=device)
+                values = values.masked_fill(rank >= self._column("top_k", rows, device), float("-inf"))
+            probs = values.softmax(dim=-1)
+            if cut_p:  # tokens after the nucleus go (the first always stays)
+                probs = probs.masked_fill(probs.cumsum(-1) - probs >= self._column("top_p", rows, device), 0)
+        else:  # the whole distribution: no need to sort it
+            probs, index = scaled.softmax(dim=-1), None
+        cdf = probs.cumsum(dim=-1)
+        draws = [(r.rng or _shared).random() for r in rows]
+        target = to_device(draws, torch.float32, device).unsqueeze(-1) * cdf[:, -1:]
+        picks = (cdf <= target).sum(dim=-1, keepdim=True).clamp(max=cdf.shape[-1] - 1)
+        picks = torch.where(probs.gather(-1, picks) > 0, picks, probs.argmax(-1, keepdim=True))
+        return (picks if index is None else index.gather(-1, picks)).squeeze(-1)
+
+    def choose(
+        self, logits: torch.Tensor, rows: list[Row], text_of: Any
+    ) -> tuple[list[int], list[TokenLogprob | None], torch.Tensor]:
+        """The next token of every row from one step's ``logits`` [rows, vocab]: as a list, with a
+        logprob entry for rows that asked for one, and as a tensor on the device (the next input).
+        ``text_of(row_index, token_id)`` names a token for those entries."""
+        logits = logits.float()
+        wanted = [i for i, r in enumerate(rows) if r.settings.logprobs is not None]
+        raw = logits[wanted].log_softmax(dim=-1) if wanted else None
+        if any(_penalized(r.settings) for r in rows):
+            logits = self._penalize(logits, rows)
+        greedy = [r.settings.temperature <= 0 for r in rows]
+        if all(greedy):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample(logits, rows)
+            if any(greedy):
+                flags = to_device(greedy, torch.bool, logits.device)
+                tokens = torch.where(flags, logits.argmax(dim=-1), tokens)
+        if self.counts is not None:  # this step's tokens count from the next step on
+            self.counts.scatter_add_(1, tokens.unsqueeze(-1), torch.ones_like(logits[:, :1]))
+            assert self.seen is not None
+            self.seen.scatter_(1, tokens.unsqueeze(-1), True)
+        chosen = tokens.tolist()
+        return chosen, self._entries(raw, wanted, rows, tokens, chosen, text_of), tokens
+
+    @staticmethod
+    def _entries(
+        raw: torch.Tensor | None,
+        wanted: list[int],
+        rows: list[Row],
+        tokens: torch.Tensor,
+        chosen: list[int],
+        text_of: Any,
+    ) -> list[TokenLogprob | None]:
+        """Logprob entries of the rows that asked (three transfers, only on such steps)."""
+        entries: list[TokenLogprob | None] = [None] * len(rows)
+        if raw is None:
+            return entries
+        picked = raw.gather(-1, tokens[wanted].unsqueeze(-1)).squeeze(-1)
+        values, ids = raw.topk(max(rows[i].settings.logprobs or 0 for i in wanted), dim=-1)
+        picked_l, values_l, ids_l = picked.tolist(), values.tolist(), ids.tolist()
+        for j, i in enumerate(wanted):
+            token, k = chosen[i], rows[i].settings.logprobs or 0
+            entry = TokenLogprob(text_of(i, token), token, picked_l[j])
+            entry.top = [(text_of(i, t), t, v) for t, v in zip(ids_l[j][:k], values_l[j][:k], strict=True)]
+            entries[i] = entry
+        return entries
