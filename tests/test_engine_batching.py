@@ -166,3 +166,47 @@ def test_sampling_keeps_to_top_k_and_top_p():
         assert tokens[0] in set(logits[0].topk(3).indices.tolist())
         assert tokens[1] in nucleus
         assert tokens[2] == int(logits[2].argmax())
+
+
+def test_readers_on_one_asyncio_loop_are_woken_once_per_step(engine):
+    """However many replies moved in a step, their loop gets one call from the decoding thread."""
+    import asyncio
+
+    forwards = count_forwards(engine)
+    settings = GenerationSettings(max_new_tokens=10, temperature=0.7, repetition_penalty=1.0)
+
+    async def read_all() -> tuple[list[str], int]:
+        loop = asyncio.get_running_loop()
+        calls = 0
+        real = loop.call_soon_threadsafe
+
+        def counted(*a, **kw):
+            nonlocal calls
+            calls += 1
+            return real(*a, **kw)
+
+        loop.call_soon_threadsafe = counted
+
+        async def text(g) -> str:
+            return "".join([d.text async for d in g.deltas_async()])
+
+        texts = await asyncio.gather(*[text(g) for g in together(engine, [settings] * 8)])
+        return texts, calls
+
+    texts, calls = asyncio.run(read_all())
+    assert any(texts)
+    assert calls <= len(forwards) + 2  # one per step (plus the readers' own first look)
+
+
+def test_a_reader_that_fell_behind_gets_what_piled_up_as_one_piece():
+    from danlu.infer.generation import Delta, Generation
+    from danlu.infer.sampling import TokenLogprob
+
+    gen = Generation(3, 10)
+    entries = [TokenLogprob(t, i, -1.0) for i, t in enumerate("abc")]
+    for e in entries:
+        gen._push(Delta(e.token, [e]))
+    items, done = gen.poll()
+    assert [(d.text, d.logprobs) for d in items] == [("abc", entries)] and not done
+    gen._finish("length")
+    assert gen.poll() == ([], True)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from danlu.infer.generation import Detokenizer, Generation
+from danlu.infer.generation import Detokenizer, Generation, wake_all
 from danlu.infer.sampling import GenerationSettings, Row, Sampler, rng_for, to_device
 
 
@@ -265,29 +265,32 @@ class Batcher:
         tokens, entries, group.last = group.sampler.choose(
             logits, [r.row for r in rows], lambda i, t: rows[i].tokenizer.decode([t])
         )
+        moved = []
         for r, token, entry in zip(rows, tokens, entries, strict=True):
             if r.done:  # stopped before this step: its pick is dropped with the row
                 continue
             r.row.generated.append(token)
             r.gen.completion_tokens += 1
+            moved.append(r.gen)
             if token in r.stops:
-                self._end(r, "stop")
+                self._end(r, "stop", wake=False)
                 continue
             delta, hit_stop = r.detok.add(token, entry)
             if delta is not None:
-                r.gen._push(delta)
+                r.gen._push(delta, wake=False)
             if hit_stop:
                 r.done = True
-                r.gen._finish("stop")
+                r.gen._finish("stop", wake=False)
             elif r.gen.completion_tokens >= r.gen.max_new_tokens:
-                self._end(r, "length")
+                self._end(r, "length", wake=False)
+        wake_all(moved)  # readers woken once the whole step is out: one call per asyncio loop
 
-    def _end(self, r: Request, reason: str) -> None:
+    def _end(self, r: Request, reason: str, wake: bool = True) -> None:
         r.done = True
         delta = r.detok.flush()
         if delta is not None:
-            r.gen._push(delta)
-        r.gen._finish(reason)
+            r.gen._push(delta, wake=False)
+        r.gen._finish(reason, wake=wake)
 
     def _leave(self, group: Group) -> None:
         """Drop finished rows from ``group`` (and its cache), then the cache's empty left columns."""

@@ -3,7 +3,9 @@ and the finish reason at the end, and :meth:`Generation.stop` from any thread.
 
 The scheduler thread (:mod:`danlu.infer.batch`) pushes pieces; readers take them blocking
 (``for piece in gen``), or from an asyncio loop (``async for delta in gen.deltas_async()``)
-without holding a thread per reply. Also here: turning token ids into text piece by piece,
+without holding a thread per reply. The decoding thread wakes each asyncio loop at most once a
+step, however many of its replies moved, and a reader that fell behind gets what piled up as
+one piece: the readers' work (a server's chunks) does not grow by the token when it lags. Also here: turning token ids into text piece by piece,
 holding back what may be the start of a stop string.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -51,24 +54,30 @@ class Generation:
 
     # ---------------------------------------------------------------- scheduler side
 
-    def _push(self, delta: Delta) -> None:
+    def _push(self, delta: Delta, wake: bool = True) -> None:
+        """Add a piece; ``wake=False`` leaves waking the watchers to a later :meth:`_wake` (the
+        decoding thread wakes once after a whole step)."""
         with self._cond:
             self._items.append(delta)
             self.logprobs.extend(delta.logprobs)
             self._cond.notify_all()
+        if wake:
+            self._wake()
+
+    def _wake(self) -> None:
+        with self._cond:
             watchers = list(self._watchers)
         for w in watchers:
             w()
 
-    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+    def _finish(self, reason: str, error: BaseException | None = None, wake: bool = True) -> None:
         with self._cond:
             if self._finished:
                 return
             self.finish_reason, self._error, self._finished = reason, error, True
             self._cond.notify_all()
-            watchers = list(self._watchers)
-        for w in watchers:
-            w()
+        if wake:
+            self._wake()
 
     # ---------------------------------------------------------------- reader side
 
@@ -82,13 +91,16 @@ class Generation:
         self.cancelled.set()
 
     def poll(self) -> tuple[list[Delta], bool]:
-        """Pieces ready now, and whether that is all there will be; raises what the model raised."""
+        """Pieces ready now (at most one: what piled up is joined), and whether that is all there
+        will be; raises what the model raised."""
         with self._cond:
             items = list(self._items)
             self._items.clear()
             done, error = self._finished, self._error
         if done and error is not None:
             raise error
+        if len(items) > 1:
+            items = [Delta("".join(d.text for d in items), [e for d in items for e in d.logprobs])]
         return items, done
 
     def watch(self, callback: Callable[[], None]) -> None:
@@ -117,11 +129,10 @@ class Generation:
         """Pieces as they come, for an asyncio loop; cancelling or leaving early stops the model."""
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
+        waker = _waker(loop)
 
         def wake() -> None:
-            try:
-                loop.call_soon_threadsafe(ready.set)
-            except RuntimeError:  # the loop has closed: nobody is reading any more
+            if not waker.wake(ready):  # the loop has closed: nobody is reading any more
                 self.stop()
 
         self.watch(wake)
@@ -150,6 +161,77 @@ class Generation:
     def text(self) -> str:
         """Run to the end and return the whole text (not stripped)."""
         return "".join(self)
+
+
+class _Waker:
+    """Sets asyncio events from another thread with at most one call into their loop pending:
+    the decoding thread's pushes of one step cost one wake-up of the loop, not one per reply."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: set[asyncio.Event] = set()
+        self.scheduled = False
+
+    def wake(self, event: asyncio.Event) -> bool:
+        """Set ``event`` soon on its loop; False when the loop has closed. Inside
+        :func:`wake_all`, only noted: the loop is called once at its end."""
+        if self.loop.is_closed():
+            return False
+        with self.lock:
+            self.pending.add(event)
+        held = getattr(_held, "wakers", None)
+        if held is not None:
+            held.add(self)
+            return True
+        return self.flush()
+
+    def flush(self) -> bool:
+        """One call into the loop for every event pending (none if one is on its way already)."""
+        with self.lock:
+            if self.scheduled or not self.pending:
+                return True
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._set)
+        except RuntimeError:
+            with self.lock:
+                self.scheduled = False
+            return False
+        return True
+
+    def _set(self) -> None:
+        with self.lock:
+            events, self.pending, self.scheduled = self.pending, set(), False
+        for event in events:
+            event.set()
+
+
+_wakers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_held = threading.local()  # the wakers noted by this thread's wake_all
+
+
+def wake_all(gens: list[Generation]) -> None:
+    """Wake the readers of ``gens`` (the replies one decoding step moved): each asyncio loop
+    among them is called once, not once per reply."""
+    _held.wakers = set()
+    try:
+        for gen in gens:
+            gen._wake()
+    finally:
+        wakers, _held.wakers = _held.wakers, None
+    for waker in wakers:  # a loop closed since: its readers' next wake-up stops their replies
+        waker.flush()
+
+
+def _waker(loop: asyncio.AbstractEventLoop) -> _Waker:
+    with _wakers_lock:
+        if loop not in _wakers:
+            _wakers[loop] = _Waker(loop)
+        return _wakers[loop]
+
+
+_wakers_lock = threading.Lock()
 
 
 class Detokenizer:
