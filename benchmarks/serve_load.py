@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -232,6 +233,8 @@ def main() -> int:
         "runs": {},
     }
     servers = {}
+    # a `timeout` that stops the run ends it like Ctrl-C: the servers are stopped, the levels kept
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         for spec in trees:  # all up at once; each level then runs every tree in turn (same load)
             name, _, src = spec.partition("=")
