@@ -8,7 +8,9 @@
 # $OUT/serve_load_h200_8b.json (after every level, so a cut-short run still leaves what it
 # measured). Sized for one 600 s device call: the model is built and saved once (~1-2 min), each
 # server starts in ~1 min, and the levels run 1, then 32 (the target's two numbers), then 8, each
-# client sending one request of 64 tokens (2 at one client); the whole run is cut at 530 s.
+# client sending one request of 64 tokens (2 at one client); the load run is cut at 450 s. Then,
+# if 60 s or more are left before 530 s, this tree's engine alone (no HTTP) at 1, 8 and 32 rows
+# ($OUT/engine_steps_h200_8b.json): how much of a level's time is the engine's.
 set -euo pipefail
 
 OUT=${OUT:-/tmp/out}
@@ -40,8 +42,15 @@ fi
 note+="; transformers = transformers serve --continuous-batching; levels 1, 32, 8 in that order; $(git describe --always --dirty 2>/dev/null || echo unknown)"
 
 started=$(date +%s)
-# SIGTERM at 530 s: serve_load stops its servers; the JSON holds every level finished by then
-timeout -s TERM 530 python benchmarks/serve_load.py "${args[@]}" --model "$MODEL" --peer transformers \
+# SIGTERM at 450 s: serve_load stops its servers; the JSON holds every level finished by then
+timeout -s TERM 450 python benchmarks/serve_load.py "${args[@]}" --model "$MODEL" --peer transformers \
     --precision bf16 --concurrency 1,32,8 --max-tokens 64 --min-requests 2 --timeout 240 \
     --out "$OUT/serve_load_h200_8b.json" --note "$note" || echo "serve_load ended with status $?"
-echo "took $(($(date +%s) - started)) s; results in $OUT/serve_load_h200_8b.json"
+left=$((530 - ($(date +%s) - started)))
+if ((left >= 60)); then
+    timeout -s TERM "$left" python benchmarks/serve_load.py --engine-steps --tree after=src --model "$MODEL" \
+        --precision bf16 --concurrency 1,8,32 --max-tokens 64 --out "$OUT/engine_steps_h200_8b.json" \
+        --note "H200, Llama-3-8B shape, random weights, bf16; this tree's Engine API, no HTTP" ||
+        echo "engine steps ended with status $?"
+fi
+echo "took $(($(date +%s) - started)) s; results in $OUT"

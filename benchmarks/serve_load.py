@@ -10,6 +10,11 @@ Reports aggregate completion tokens/s (usage from the stream), time to first tok
     python benchmarks/serve_load.py --tree before=/tmp/danlu_before/src --tree after=src \\
         --out benchmarks/results/serve_load_cpu.json
 
+``--engine-steps`` instead times decoding steps through each tree's ``Engine`` API (no HTTP, no
+server): the requests of a level join one batch, and the time between one decoding forward's start
+and the next is the step's cost, the host's work included. Set next to the HTTP levels, it says
+how much of a level's time is the engine's and how much the server's.
+
 ``--peer transformers`` adds transformers' own server (``transformers serve --continuous-batching``)
 on the same model in the same run. ``--build SHAPE`` first writes a random-weight model of a public
 shape (``llama3-8b``, from danlu.plan.SHAPES, bf16, with ``--tokenizer``'s files) into ``--model``,
@@ -164,6 +169,67 @@ def level(
     }
 
 
+def engine_steps(model: str, precision: str, sizes: list[int], max_tokens: int) -> list[dict]:
+    """Median time per decoding step through the ``Engine`` API at each batch size (this process's
+    danlu, whichever tree PYTHONPATH names), with the load's sampling settings."""
+    import statistics
+
+    from danlu.infer import Engine, GenerationSettings
+
+    engine = Engine(model, precision=precision)
+    starts: list[tuple[float, int, int]] = []
+
+    def note(module, args, kwargs) -> None:
+        starts.append((time.perf_counter(), *kwargs["input_ids"].shape))
+
+    engine.model.register_forward_pre_hook(note, with_kwargs=True)
+    settings = GenerationSettings(
+        max_new_tokens=max_tokens, temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.0
+    )
+    rows = []
+    for n in [1, *sizes]:  # the first is a warm-up
+        starts.clear()
+        load = os.getloadavg()[0]
+        with engine.batcher.cond:  # the decoding thread waits to admit: all n join one batch
+            gens = [
+                engine.chat(
+                    [{"role": "user", "content": f"Write a long story about {TOPICS[i % 8]}."}], settings
+                )
+                for i in range(n)
+            ]
+        began = time.perf_counter()
+        for g in gens:
+            g.text()
+        tokens = sum(g.completion_tokens for g in gens)
+        wall = time.perf_counter() - began
+        decoding = [t for t, width, length in starts if length == 1 and width == n]
+        gaps = [b - a for a, b in zip(decoding, decoding[1:], strict=False)]
+        rows.append({
+            "rows": n,
+            "steps": len(starts),
+            "step_ms_median": round(1000 * statistics.median(gaps), 2) if gaps else None,
+            "tokens_per_s": round(tokens / wall, 1),
+            "load_avg_1m_before": round(load, 2),
+        })  # fmt: skip
+    engine.shutdown()
+    return rows[1:]
+
+
+def engine_report(src: str, args: argparse.Namespace, sizes: list[int]) -> list[dict]:
+    """:func:`engine_steps` in a child process that imports danlu from the tree ``src``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(Path(src).resolve()), os.environ.get("PYTHONPATH")) if p
+    )
+    cmd = [sys.executable, __file__, "--engine-child", "--tree", f"child={src}", "--model", args.model]
+    cmd += ["--precision", args.precision, "--concurrency", ",".join(map(str, sizes))]
+    cmd += ["--max-tokens", str(args.max_tokens)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"engine steps from {src} failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def build(shape_name: str, tokenizer_dir: str | None, folder: Path) -> None:
     """A random-weight model of a public shape, bf16, saved with a real tokenizer (GPU runs)."""
     import torch
@@ -199,16 +265,24 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per request")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--note", default="", help="what the trees and the model are, for the record")
+    p.add_argument("--engine-steps", action="store_true", help="time the engine's steps, no server")
+    p.add_argument("--engine-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--server-cpus",
         default=None,
         help="pin the servers to these cores (e.g. 0,1) and the clients to the rest",
     )
     args = p.parse_args()
+    # a `timeout` that stops the run ends it like Ctrl-C: servers and children are stopped, the
+    # levels written so far kept
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cpus = {int(c) for c in args.server_cpus.split(",")} if args.server_cpus else None
     if cpus:
         os.sched_setaffinity(0, set(os.sched_getaffinity(0)) - cpus or cpus)
     levels = [int(x) for x in args.concurrency.split(",")]
+    if args.engine_child:
+        print(json.dumps(engine_steps(args.model, args.precision, levels, args.max_tokens)))
+        return 0
     if args.build:
         build(args.build, args.tokenizer, Path(args.model))
     trees = args.tree + ([f"{args.peer}={args.peer}"] if args.peer else [])
@@ -232,9 +306,18 @@ def main() -> int:
         },
         "runs": {},
     }
+    if args.engine_steps:
+        report["benchmark"] = "engine_steps"
+        for spec in args.tree:
+            name, _, src = spec.partition("=")
+            report["runs"][name] = {"source": src, "engine_steps": engine_report(src, args, levels)}
+            for row in report["runs"][name]["engine_steps"]:
+                print(f"{name:>8} {row['rows']:>3} rows: {row['step_ms_median']} ms a step, "
+                      f"{row['tokens_per_s']} tokens/s", flush=True)  # fmt: skip
+            if args.out:
+                args.out.write_text(json.dumps(report, indent=2) + "\n")
+        return 0
     servers = {}
-    # a `timeout` that stops the run ends it like Ctrl-C: the servers are stopped, the levels kept
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         for spec in trees:  # all up at once; each level then runs every tree in turn (same load)
             name, _, src = spec.partition("=")
