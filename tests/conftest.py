@@ -16,6 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DANLU_HOME", str(ROOT / ".pytest_cache" / "danlu_home"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# helper modules of several test files: their asserts report as a test's own do
+pytest.register_assert_rewrite("gguf_helpers", "family_stages")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
