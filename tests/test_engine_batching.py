@@ -210,3 +210,31 @@ def test_a_reader_that_fell_behind_gets_what_piled_up_as_one_piece():
     assert [(d.text, d.logprobs) for d in items] == [("abc", entries)] and not done
     gen._finish("length")
     assert gen.poll() == ([], True)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_a_batch_decodes_as_rows_alone_with_one_read_a_step(tiny_model_dir, monkeypatch):
+    """The same on CUDA, where the step's inputs are copied to the device without waiting and
+    the chosen tokens are the step's only read back (``tolist``; transformers' own mask checks
+    may add syncs of theirs)."""
+    engine = Engine(str(tiny_model_dir), precision="fp32")
+    assert engine.device == "cuda"
+    greedy = GenerationSettings(
+        max_new_tokens=10, temperature=0, repetition_penalty=1.3, logit_bias={17: 2.0}
+    )
+    seeded = GenerationSettings(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3)
+    settings = [greedy, seeded] * 4
+    alone = [engine.chat(PROMPTS[i], s).text() for i, s in enumerate(settings)]
+    reads = 0
+    real = torch.Tensor.tolist
+
+    def counted(self, *a, **kw):
+        nonlocal reads
+        reads += 1
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    forwards = count_forwards(engine)
+    assert [g.text() for g in together(engine, settings)] == alone
+    assert reads <= len(forwards) + 8
+    engine.shutdown()
