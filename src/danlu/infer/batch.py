@@ -5,6 +5,9 @@ prefilled as one left-padded batch (long ones in chunks, so running replies keep
 their key/value cache is merged into the running batch (padded on the left to one length).
 Finished and cancelled replies leave between steps, and the cache's empty left columns are cut.
 Each row keeps its own position ids, sampling settings, stop conditions and random generator.
+A step's host work does not go row by row: the rows' last tokens and positions stay on the device
+as the next step's inputs, every row's token is picked by one batched :class:`Sampler` and read
+back in one transfer, and the readers are woken once the whole step is out.
 
 Rows are grouped by adapter (one forward per adapter in use, with that adapter switched on), so
 several adapters over one base are served side by side. Caches made only of transformers'
