@@ -212,13 +212,15 @@ def test_bench_dpo_case_runs_trl_and_danlu_on_the_same_pairs(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--smoke", "--steps", "2", "--cases", "dpo-8b", "--out", str(out)]) == 0
     case = json.loads(out.read_text())["cases"]["dpo-8b"]
-    base, twice, ours = case["paths"]
+    base, twice, shared, ours = case["paths"]
     assert base["path"].startswith("baseline: TRL DPOTrainer") and ours["path"].startswith("danlu fast")
-    assert "prompt run twice" in twice["path"]  # the ablation row: sharing off
+    assert "prompt run twice" in twice["path"] and "no checkpointing" in ours["path"]
     assert base["losses"][0] == pytest.approx(np.log(2), abs=1e-4) == ours["losses"][0]  # fresh adapters
-    assert base["tokens"] == twice["tokens"] == ours["tokens"] > 0
+    assert base["tokens"] == twice["tokens"] == shared["tokens"] == ours["tokens"] > 0
     assert case["loss_max_rel_diff"] < 1e-2  # same pairs, same start: the same learning
-    assert twice["losses"] == pytest.approx(ours["losses"], rel=1e-3)  # sharing changes no number
+    assert twice["losses"] == pytest.approx(shared["losses"], rel=1e-3)  # sharing changes no number
+    assert shared["losses"] == pytest.approx(ours["losses"], rel=1e-3)
+    assert set(case["each"]) == {twice["path"], shared["path"], ours["path"]}
 
 
 def test_a_fast_path_that_disagrees_with_the_models_own_logits_is_not_used(

@@ -31,10 +31,11 @@ from danlu.methods import make_optimizer, prepare
 BETA = 0.1
 
 
-PATHS = [
-    ("baseline: TRL DPOTrainer + peft, checkpointing", None),
-    ("danlu fast, each pair's prompt run twice", fast.Options(prefix=False)),
-    ("danlu fast (train.fast=auto)", fast.ALL),
+PATHS = [  # (label, danlu's fast-path options or None for TRL, train.gradient_checkpointing)
+    ("baseline: TRL DPOTrainer + peft, checkpointing", None, True),
+    ("danlu fast, checkpointing, each pair's prompt run twice", fast.Options(prefix=False), True),
+    ("danlu fast (train.fast=auto), checkpointing", fast.ALL, True),
+    ("danlu fast (train.fast=auto), no checkpointing (danlu's default)", fast.ALL, False),
 ]
 
 
@@ -42,11 +43,15 @@ def case(c: Case, s: bench.Settings, device: str, peak: float, log: Callable[[st
     """TRL's DPOTrainer + peft against danlu's DPO step on the same pairs, from the same LoRA start."""
     shape = bench.SMOKE_SHAPE if s.smoke else bench.SHAPES[c.shape]
     model_type = bench.model_type_of(c.shape)
-    rows = bench.random_rows(shape["vocab_size"], 2 * s.batch * (s.steps + s.warmup), s.seq, seed=1)
+    # chosen replies from one random vocabulary, rejected ones from another: something to learn, so
+    # the loss curves fall and can be compared (replies of the same kind leave DPO's loss at noise)
+    n = s.batch * (s.steps + s.warmup)
+    good = bench.random_rows(shape["vocab_size"], n, s.seq, seed=1)
+    bad = bench.random_rows(shape["vocab_size"], n, s.seq, seed=2)
     half = s.seq // 2  # each branch: half prompt, half reply
     batches = []
-    for i in range(0, len(rows), 2 * s.batch):
-        chosen, rejected = rows[i : i + s.batch], rows[i + s.batch : i + 2 * s.batch]
+    for i in range(0, n, s.batch):
+        chosen, rejected = good[i : i + s.batch], bad[i : i + s.batch]
         rejected = [
             (c_ids[:half] + r_ids[half:], 0) for (c_ids, _), (r_ids, _) in zip(chosen, rejected, strict=True)
         ]
@@ -55,12 +60,14 @@ def case(c: Case, s: bench.Settings, device: str, peak: float, log: Callable[[st
         )
     warm, timed = batches[: s.warmup], batches[s.warmup :]
     results = []
-    for label, options in PATHS:
+    for label, options, checkpointing in PATHS:
         base = bench._build(shape, model_type, device)
         if options is None:
             model, step = trl_model(base, list(bench.LINEARS), bf16=device == "cuda")
         else:
-            model = prepare(base, bench._config(), torch.bfloat16, quantized=False)
+            cfg = bench._config()
+            cfg.train.gradient_checkpointing = checkpointing
+            model = prepare(base, cfg, torch.bfloat16, quantized=False)
             step = danlu_step(options)
         same_start(model)
         optimizer = make_optimizer(
@@ -79,6 +86,13 @@ def case(c: Case, s: bench.Settings, device: str, peak: float, log: Callable[[st
         "memory_ratio": ours.peak_gib / base_r.peak_gib if base_r.peak_gib else None,
         "loss_max_rel_diff": max(rel),
         "loss_mean_rel_diff": statistics.fmean(rel),
+        "each": {  # every danlu row against the baseline
+            r.path: {
+                "speedup": r.tokens_per_s / base_r.tokens_per_s,
+                "memory_ratio": r.peak_gib / base_r.peak_gib if base_r.peak_gib else None,
+            }
+            for r in results[1:]
+        },
     }
     log(
         f"  danlu / baseline: {summary['speedup']:.2f}x tokens/s, {summary['memory_ratio'] or 0:.2f}x peak memory"
