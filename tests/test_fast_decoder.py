@@ -230,6 +230,17 @@ def test_other_decoders_fall_back_to_transformers_forward(model_type, extra, why
     assert fast.describe(small("llama"), LOSS_ONLY) == "chunked loss"
 
 
+def test_the_log_names_offloading_only_where_layers_are_checkpointed(monkeypatch):
+    monkeypatch.setattr(decoder, "offloads", lambda options, device: True)  # as on CUDA
+    monkeypatch.setattr(decoder, "keeps_attention", lambda lm, options, device: True)
+    model = small("llama")
+    assert "CPU memory" not in fast.describe(model) and "recomputed" not in fast.describe(model)
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    assert fast.describe(model).endswith(
+        "checkpointed layers' inputs in CPU memory, attention not recomputed, chunked loss"
+    )
+
+
 @pytest.mark.parametrize("traced", [False, True], ids=["eager-addmm", "compiled-add"])
 def test_lora_projections_equal_peft_and_fall_back_where_they_must(monkeypatch, traced):
     from peft import LoraConfig, get_peft_model

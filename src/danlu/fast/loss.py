@@ -51,8 +51,20 @@ def describe(model: Any, options: Options = ALL) -> str:
         elif options.fused and kernels.can_compile(device):
             parts.append("fused kernels")
         parts += ["LoRA inside the matmul"] if options.lora else []
-        parts += ["checkpointed layers' inputs in CPU memory"] if decoder.offloads(options, device) else []
-        parts += ["attention not recomputed"] if decoder.keeps_attention(lm, options, device) else []
+        # offloading and kept attention are parts of gradient checkpointing: nothing to say without it
+        checkpointed = any(
+            getattr(layer, "gradient_checkpointing", False) for layer in lm.get_decoder().layers
+        )
+        parts += (
+            ["checkpointed layers' inputs in CPU memory"]
+            if checkpointed and decoder.offloads(options, device)
+            else []
+        )
+        parts += (
+            ["attention not recomputed"]
+            if checkpointed and decoder.keeps_attention(lm, options, device)
+            else []
+        )
         return ", ".join([*parts, "chunked loss"])
     return "chunked loss"
 
