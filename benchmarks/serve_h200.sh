@@ -17,6 +17,7 @@ OUT=${OUT:-/tmp/out}
 MODEL=${MODEL:-/tmp/m8b}
 TOKENIZER=${TOKENIZER:-.whl/smollm2-tokenizer}
 BEFORE=${1:-}
+PYTHON=${PYTHON:-python3}
 
 if [[ ! -f "$TOKENIZER/tokenizer_config.json" ]]; then
     echo "serve_h200.sh: no tokenizer at $TOKENIZER: carry .whl/ (make gpu-bundle) or set TOKENIZER=DIR" >&2
@@ -43,12 +44,12 @@ note+="; transformers = transformers serve --continuous-batching; levels 1, 32, 
 
 started=$(date +%s)
 # SIGTERM at 450 s: serve_load stops its servers; the JSON holds every level finished by then
-timeout -s TERM 450 python benchmarks/serve_load.py "${args[@]}" --model "$MODEL" --peer transformers \
+timeout -s TERM 450 "$PYTHON" benchmarks/serve_load.py "${args[@]}" --model "$MODEL" --peer transformers \
     --precision bf16 --concurrency 1,32,8 --max-tokens 64 --min-requests 2 --timeout 240 \
     --out "$OUT/serve_load_h200_8b.json" --note "$note" || echo "serve_load ended with status $?"
 left=$((530 - ($(date +%s) - started)))
 if ((left >= 60)); then
-    timeout -s TERM "$left" python benchmarks/serve_load.py --engine-steps --tree after=src --model "$MODEL" \
+    timeout -s TERM "$left" "$PYTHON" benchmarks/serve_load.py --engine-steps --tree after=src --model "$MODEL" \
         --precision bf16 --concurrency 1,8,32 --max-tokens 64 --out "$OUT/engine_steps_h200_8b.json" \
         --note "H200, Llama-3-8B shape, random weights, bf16; this tree's Engine API, no HTTP" ||
         echo "engine steps ended with status $?"
