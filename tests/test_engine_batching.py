@@ -212,6 +212,21 @@ def test_a_reader_that_fell_behind_gets_what_piled_up_as_one_piece():
     assert gen.poll() == ([], True)
 
 
+def test_draws_follow_the_distribution():
+    """The inverse-CDF draw picks each token as often as its probability says (4,000 draws)."""
+    from danlu.infer.sampling import rng_for
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf"), 0.5, 1.5, -2.0]])
+    row = Row(GenerationSettings(temperature=1.0, top_k=0, top_p=1.0), [1], [], rng_for(1))
+    sampler = Sampler()
+    counts = torch.zeros(8)
+    for _ in range(4000):
+        tokens, _, _ = sampler.choose(logits, [row], None)
+        counts[tokens[0]] += 1
+    assert counts[4] == 0
+    assert torch.allclose(counts / 4000, logits.softmax(-1)[0], atol=0.025)
+
+
 @pytest.mark.gpu
 def test_on_the_gpu_a_batch_decodes_as_rows_alone_with_one_read_a_step(tiny_model_dir, monkeypatch):
     """The same on CUDA, where the step's inputs are copied to the device without waiting and
