@@ -32,7 +32,7 @@ LAYERS = [
             "danlu.tracking",
         ]
         + ["danlu.plan", "danlu.train", "danlu.bench", "danlu.bench_cases"]
-        + ["danlu.recipe", "danlu.objectives", "danlu.preference", "danlu.bench_dpo"],
+        + ["danlu.recipe", "danlu.objectives", "danlu.preference", "danlu.bench_dpo", "danlu.bench_parts"],
     ),
     ("export", ["danlu.export"]),
     ("infer", ["danlu.infer"]),

@@ -31,7 +31,6 @@ LoRA's own matmuls (< 1%) are left out.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -41,7 +40,6 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,25 +48,31 @@ import torch
 from danlu import fast
 from danlu import model as mdl
 from danlu.bench_cases import CASES, Case
-from danlu.config import Config
+from danlu.bench_parts import (
+    LINEARS,
+    SMOKE_SHAPE,
+    Sample,
+    Settings,
+    build,
+    flops,
+    free_memory,
+    measure,
+    model_type_of,
+    pad_rows,
+    random_rows,
+    sentence,
+    sync,
+    train_config,
+    vocabulary_words,
+)
 from danlu.data.render import IGNORE
 from danlu.errors import UserError
-from danlu.fast import varlen
 from danlu.fast.loss import loss_sum
 from danlu.methods import make_optimizer, prepare
 from danlu.plan import SHAPES
 
-SMOKE_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=512,
-    tie_word_embeddings=False,
-)
-LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# the names the benchmarks/ scripts knew these by
+_build, _config, _flops = build, train_config, flops
 
 
 # the danlu variants: None is danlu's plain path (train.fast=off), the rest are fast.Options
@@ -95,34 +99,6 @@ ABLATION = [
     ("+ attention and MLP checkpointed apart", fast.Options(dense=False, keep=False)),
     ("+ attention not recomputed, kept in CPU memory", fast.Options(dense=False)),
 ]
-
-
-@dataclass
-class Settings:
-    steps: int = 50
-    warmup: int = 3
-    seq: int = 2048
-    batch: int = 2
-    varlen_batch: int = 8
-    varlen_samples: int = 400
-    pack_tokens: int = 4096
-    smoke: bool = False
-
-    def __post_init__(self) -> None:
-        if self.smoke:  # tiny shapes on the CPU: checks the flow in seconds
-            self.seq, self.varlen_samples, self.pack_tokens = 64, 40, 256
-
-
-@dataclass
-class PathResult:
-    path: str
-    steps: int
-    tokens_per_s: float
-    step_s: list[float] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    peak_gib: float = 0.0
-    tokens: int = 0
-    mfu: float = 0.0
 
 
 def run(
@@ -161,11 +137,11 @@ def matmul_peak(device: str) -> float:
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     best = math.inf
     for _ in range(23):
-        _sync(device)
+        sync(device)
         tic = time.perf_counter()
         for _ in range(10):
             a @ b
-        _sync(device)
+        sync(device)
         best = min(best, (time.perf_counter() - tic) / 10)
     return 2 * n**3 / best / 1e12
 
@@ -201,7 +177,7 @@ def _case(
         model, optimizer = load_path(shape, model_type, device, case.quantization, folder, opts == "baseline")
         step = baseline_step if opts == "baseline" else danlu_step(opts)
         res = measure(label, model, optimizer, step, warm_b, timed_b, device)
-        res.mfu = _flops(shape, timed_b) / sum(res.step_s) / 1e12 / peak
+        res.mfu = flops(shape, timed_b) / sum(res.step_s) / 1e12 / peak
         results.append(res)
         log(f"  {label}: {res.tokens_per_s:,.0f} tokens/s, MFU {res.mfu:.1%}, peak {res.peak_gib:.2f} GiB")
         del model, optimizer
@@ -230,30 +206,15 @@ def model_of(name: str, case: Case, s: Settings, device: str) -> tuple[dict[str,
     folder = None
     if case.quantization:
         folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"danlu-bench-{name}"
-        _build(shape, model_type, device).save_pretrained(folder)
+        build(shape, model_type, device).save_pretrained(folder)
         free_memory()
     return shape, model_type, folder
-
-
-def model_type_of(shape_name: str) -> str:
-    """The transformers model type a shape of :data:`danlu.plan.SHAPES` is built as."""
-    return "qwen2" if shape_name.startswith("qwen") else "llama"
 
 
 def full_rows(shape: dict[str, Any], s: Settings) -> list[dict[str, torch.Tensor]]:
     """The warmup then the timed batches of an equal-length case: ``s.batch`` full rows of ``s.seq``."""
     rows = random_rows(shape["vocab_size"], s.batch * (s.steps + s.warmup), s.seq, seed=1)
     return [pad_rows(rows[i : i + s.batch]) for i in range(0, len(rows), s.batch)]
-
-
-def _build(shape: dict[str, Any], model_type: str, device: str) -> Any:
-    """A random-weight bf16 model of ``shape`` (the same weights every call)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(model_type, **shape, max_position_embeddings=8192, rope_theta=500000.0)
-    torch.manual_seed(0)
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
 
 
 def load_path(
@@ -276,7 +237,7 @@ def load_path(
             base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=qconfig, dtype=dtype)
             base = prepare_model_for_kbit_training(base, True, {"use_reentrant": False})
         else:
-            base = _build(shape, model_type, device)
+            base = build(shape, model_type, device)
             base.gradient_checkpointing_enable({"use_reentrant": False})
         base.config.use_cache = False
         lora = LoraConfig(
@@ -289,18 +250,10 @@ def load_path(
         base = (
             mdl.load_model(str(folder), dtype, device, False, qconfig, training=True)
             if qconfig
-            else _build(shape, model_type, device)
+            else build(shape, model_type, device)
         )
-        model = prepare(base, _config(), dtype, quantized=qconfig is not None)
-    return model, make_optimizer([p for p in model.parameters() if p.requires_grad], _config(), device)
-
-
-def _config() -> Config:
-    cfg = Config()
-    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules = 16, 32, 0.0, list(LINEARS)
-    cfg.train.seed, cfg.train.lr, cfg.train.weight_decay = 0, 2e-4, 0.0
-    cfg.train.gradient_checkpointing = True
-    return cfg
+        model = prepare(base, train_config(), dtype, quantized=qconfig is not None)
+    return model, make_optimizer([p for p in model.parameters() if p.requires_grad], train_config(), device)
 
 
 def baseline_step(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -326,74 +279,7 @@ def danlu_step(options: fast.Options | None) -> Callable[[Any, dict[str, torch.T
     return step
 
 
-def measure(
-    label: str, model: Any, optimizer: Any, step: Callable, warm: list[dict], timed: list[dict], device: str
-) -> PathResult:
-    """Run the warmup batches, then time each of the others (peak memory over those only)."""
-    times, losses, tokens = [], [], 0
-    for i, batch in enumerate(warm + timed):
-        if i == len(warm):
-            _sync(device)
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-        tic = time.perf_counter()
-        b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(device, dtype=torch.bfloat16):
-            loss = step(model, b)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))  # waits for the step
-        _sync(device)
-        if i >= len(warm):
-            times.append(time.perf_counter() - tic)
-            tokens += sum(_lengths(batch))
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-    return PathResult(label, len(times), tokens / sum(times) if times else 0.0, times, losses, peak, tokens)
-
-
-def _flops(shape: dict[str, Any], batches: list[dict[str, torch.Tensor]]) -> float:
-    """Model FLOPs of ``batches``: forward + input-gradient backward of the linears (2 x 2 x params
-    per token) and of attention (forward 2 x 2 x L^2/2 x heads x d per causal sequence of length L,
-    backward twice that)."""
-    h, layers, v = shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]
-    q = shape["num_attention_heads"] * shape["head_dim"]
-    kv = shape["num_key_value_heads"] * shape["head_dim"]
-    linear = layers * (2 * h * q + 2 * h * kv + 3 * h * shape["intermediate_size"]) + h * v
-    total = 0.0
-    for batch in batches:
-        for length in _lengths(batch):
-            total += 4 * linear * length + 3 * layers * 2 * q * length * length
-    return total
-
-
-def _lengths(batch: dict[str, torch.Tensor]) -> list[int]:
-    """The real sequences' lengths, padded or packed: where the fast path's flattening finds them."""
-    return varlen.flatten(batch).cu_seqlens.diff().tolist()
-
-
 # ---- data
-
-Sample = tuple[list[int], int]  # tokens, prompt length
-
-
-def _words(vocab: int, seed: int) -> tuple[list[list[int]], list[float]]:
-    rng = random.Random(seed)
-    words = [[rng.randrange(3, min(vocab, 32000)) for _ in range(rng.randint(1, 3))] for _ in range(2000)]
-    return words, [1 / (i + 1) for i in range(len(words))]
-
-
-def _sentence(rng: random.Random, words: list[list[int]], weights: list[float], n: int) -> list[int]:
-    ids: list[int] = []
-    while len(ids) < n:
-        ids.extend(rng.choices(words, weights)[0])
-    return ids[:n]
-
-
-def random_rows(vocab: int, n: int, length: int, seed: int) -> list[Sample]:
-    """``n`` rows of ``length`` tokens, all trained."""
-    words, weights = _words(vocab, seed)
-    rng = random.Random(seed)
-    return [(_sentence(rng, words, weights, length), 0) for _ in range(n)]
 
 
 WARM_SAMPLES = 80  # for the baseline's warmup batches of 8 and at least three packed ones (~20 samples each)
@@ -401,26 +287,14 @@ WARM_SAMPLES = 80  # for the baseline's warmup batches of 8 and at least three p
 
 def _varlen_samples(vocab: int, s: Settings) -> tuple[list[Sample], list[Sample]]:
     """Warmup and timed samples: log-normal lengths, median 180, clipped to 32..1024; prompt 30%."""
-    words, weights = _words(vocab, 2)
+    words, weights = vocabulary_words(vocab, 2)
     rng = random.Random(2)
     n = WARM_SAMPLES + s.varlen_samples
     lengths = [min(1024, max(32, int(rng.lognormvariate(math.log(180), 0.75)))) for _ in range(n)]
     if s.smoke:
         lengths = [max(8, x // 16) for x in lengths]
-    samples = [(_sentence(rng, words, weights, x), int(0.3 * x)) for x in lengths]
+    samples = [(sentence(rng, words, weights, x), int(0.3 * x)) for x in lengths]
     return samples[:WARM_SAMPLES], samples[WARM_SAMPLES:]
-
-
-def pad_rows(rows: list[Sample]) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, IGNORE)
-    for r, (tokens, prompt) in enumerate(rows):
-        ids[r, : len(tokens)] = torch.tensor(tokens)
-        mask[r, : len(tokens)] = 1
-        labels[r, prompt : len(tokens)] = torch.tensor(tokens[prompt:])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def _packed(samples: list[Sample], budget: int) -> list[dict[str, torch.Tensor]]:
@@ -460,17 +334,6 @@ def environment(device: str) -> dict[str, Any]:
         "peft": peft.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def table(report: dict[str, Any]) -> Iterator[str]:

@@ -21,12 +21,14 @@ from typing import Any
 
 import torch
 
-from danlu import bench, fast, objectives
+from danlu import bench_parts as parts
+from danlu import fast, objectives
 from danlu.bench_cases import Case
 from danlu.data.render import IGNORE
 from danlu.fast import Options, pairs
 from danlu.fast.loss import sequence_logps
 from danlu.methods import make_optimizer, prepare
+from danlu.plan import SHAPES
 
 BETA = 0.1
 
@@ -39,15 +41,15 @@ PATHS = [  # (label, danlu's fast-path options or None for TRL, train.gradient_c
 ]
 
 
-def case(c: Case, s: bench.Settings, device: str, peak: float, log: Callable[[str], None]) -> dict[str, Any]:
+def case(c: Case, s: parts.Settings, device: str, peak: float, log: Callable[[str], None]) -> dict[str, Any]:
     """TRL's DPOTrainer + peft against danlu's DPO step on the same pairs, from the same LoRA start."""
-    shape = bench.SMOKE_SHAPE if s.smoke else bench.SHAPES[c.shape]
-    model_type = bench.model_type_of(c.shape)
+    shape = parts.SMOKE_SHAPE if s.smoke else SHAPES[c.shape]
+    model_type = parts.model_type_of(c.shape)
     # chosen replies from one random vocabulary, rejected ones from another: something to learn, so
     # the loss curves fall and can be compared (replies of the same kind leave DPO's loss at noise)
     n = s.batch * (s.steps + s.warmup)
-    good = bench.random_rows(shape["vocab_size"], n, s.seq, seed=1)
-    bad = bench.random_rows(shape["vocab_size"], n, s.seq, seed=2)
+    good = parts.random_rows(shape["vocab_size"], n, s.seq, seed=1)
+    bad = parts.random_rows(shape["vocab_size"], n, s.seq, seed=2)
     half = s.seq // 2  # each branch: half prompt, half reply
     batches = []
     for i in range(0, n, s.batch):
@@ -56,29 +58,29 @@ def case(c: Case, s: bench.Settings, device: str, peak: float, log: Callable[[st
             (c_ids[:half] + r_ids[half:], 0) for (c_ids, _), (r_ids, _) in zip(chosen, rejected, strict=True)
         ]
         batches.append(
-            pair_batch(bench.pad_rows([(ids, half) for ids, _ in chosen + rejected]), [half] * s.batch)
+            pair_batch(parts.pad_rows([(ids, half) for ids, _ in chosen + rejected]), [half] * s.batch)
         )
     warm, timed = batches[: s.warmup], batches[s.warmup :]
     results = []
     for label, options, checkpointing in PATHS:
-        base = bench._build(shape, model_type, device)
+        base = parts.build(shape, model_type, device)
         if options is None:
-            model, step = trl_model(base, list(bench.LINEARS), bf16=device == "cuda")
+            model, step = trl_model(base, list(parts.LINEARS), bf16=device == "cuda")
         else:
-            cfg = bench._config()
+            cfg = parts.train_config()
             cfg.train.gradient_checkpointing = checkpointing
             model = prepare(base, cfg, torch.bfloat16, quantized=False)
             step = danlu_step(options)
         same_start(model)
         optimizer = make_optimizer(
-            [p for p in model.parameters() if p.requires_grad], bench._config(), device
+            [p for p in model.parameters() if p.requires_grad], parts.train_config(), device
         )
-        res = bench.measure(label, model, optimizer, step, warm, timed, device)
-        res.mfu = bench._flops(shape, timed) / sum(res.step_s) / 1e12 / peak
+        res = parts.measure(label, model, optimizer, step, warm, timed, device)
+        res.mfu = parts.flops(shape, timed) / sum(res.step_s) / 1e12 / peak
         results.append(res)
         log(f"  {label}: {res.tokens_per_s:,.0f} tokens/s, MFU {res.mfu:.1%}, peak {res.peak_gib:.2f} GiB")
         del model, optimizer, base
-        bench.free_memory()
+        parts.free_memory()
     base_r, ours = results[0], results[-1]
     rel = [abs(a - b) / max(abs(b), 1e-6) for a, b in zip(ours.losses, base_r.losses, strict=False)]
     summary = {
