@@ -92,7 +92,9 @@ def test_qlora_merge_into_the_original_weights_reports_its_distance_from_what_wa
     assert "merged into the original float32 weights (--base-precision original)" in said
     assert "vs what was trained (nf4 base + adapter): mean |Δlogit|" in said
     got = merged_logits(out, references["ids"])
-    assert (got - references["original"]).abs().max() < 1e-4  # the 16-bit base + adapter, merged
+    # the 16-bit base + adapter, merged: float rounding only (merged and unmerged matmuls add in
+    # another order: up to 1.0e-4 seen on logits of size ~5), far below the nf4 gap checked next
+    assert (got - references["original"]).abs().max() < 5e-4
     trained_gap = (got - references["trained"]).abs().mean().item()
     assert trained_gap > 0.01  # nf4 rounding really moved this model: the gap is there to measure
     card = (out / "README.md").read_text(encoding="utf-8")

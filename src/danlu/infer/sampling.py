@@ -112,11 +112,10 @@ def rng_for(seed: int | None) -> random.Random | None:
 
 
 def to_device(values: list, dtype: torch.dtype, device: Any) -> torch.Tensor:
-    """A small host list as a tensor on ``device`` without waiting for the device's queue."""
-    t = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+    """A small host list as a tensor on ``device``. Not through pinned memory: on the H200 (8B
+    shape, 32 streamed clients arriving together) pinning each small list cost the first requests
+    their first token (p95 4.95 s against 0.98 s unpinned; 181.8 against 276.5 tokens/s)."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _penalized(s: GenerationSettings) -> bool:
