@@ -122,7 +122,7 @@ def test_a_conversation_the_template_refuses_is_one_line_and_the_chat_goes_on(
 ):
     from transformers import AutoTokenizer
 
-    from test_server import TOOL_TEMPLATE, make_adapter
+    from server_helpers import TOOL_TEMPLATE, make_adapter
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "a", seed=1)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

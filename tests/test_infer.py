@@ -46,7 +46,7 @@ def dequantized_twin(engine: Engine, model_dir, adapter) -> Engine:
 
 @needs_bnb
 def test_nf4_base_with_an_adapter_computes_what_its_dequantized_weights_do(tiny_model_dir, tmp_path):
-    from test_server import make_adapter
+    from server_helpers import make_adapter
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "a", seed=1)
     engine = Engine(str(tiny_model_dir), adapter, precision="fp32", quantization="nf4")
@@ -62,7 +62,7 @@ def test_nf4_base_with_an_adapter_computes_what_its_dequantized_weights_do(tiny_
 def test_int8_base_with_an_adapter_follows_the_fp32_model(tiny_model_dir, tmp_path):
     """LLM.int8 also rounds the activations, so the reference is the fp32 model itself (measured:
     9% apart on this tiny model, the adapter's effect 0.997 alike)."""
-    from test_server import make_adapter
+    from server_helpers import make_adapter
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "a", seed=1)
     engine = Engine(str(tiny_model_dir), adapter, precision="fp32", quantization="int8")
@@ -91,7 +91,7 @@ def test_4bit_layers_take_the_avx512_bf16_kernel_only_where_it_works(
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks 4-bit weights here")
     import bitsandbytes as bnb
 
-    from test_server import make_adapter
+    from server_helpers import make_adapter
 
     def packed(engine: Engine) -> dict[str, bool]:
         return {
@@ -167,7 +167,7 @@ def test_missing_bitsandbytes_is_named_before_loading(tiny_model_dir, monkeypatc
 
 @pytest.fixture(scope="module")
 def two_adapters(tiny_model_dir, tmp_path_factory):
-    from test_server import make_adapter
+    from server_helpers import make_adapter
 
     root = tmp_path_factory.mktemp("infer-adapters")
     return {name: make_adapter(tiny_model_dir, root / name, seed) for name, seed in (("a", 1), ("b", 2))}
@@ -271,7 +271,7 @@ def test_a_template_that_refuses_the_conversation_is_a_one_line_user_error(tiny_
     from transformers import AutoTokenizer
 
     from danlu.errors import UserError
-    from test_server import TOOL_TEMPLATE, make_adapter
+    from server_helpers import TOOL_TEMPLATE, make_adapter
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "a", seed=1)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -21,7 +21,7 @@ CHAT = [{"role": "user", "content": "What is your name? 你叫什么名字？"}]
 @pytest.fixture(scope="module")
 def qlora_adapter(tiny_model_dir, tmp_path_factory):
     """A strong random adapter in OUTPUT/final, with the run config of a run that trained on nf4."""
-    from test_server import make_adapter
+    from server_helpers import make_adapter
 
     run = tmp_path_factory.mktemp("qlora-run")
     adapter = make_adapter(tiny_model_dir, run / "final", seed=3)
@@ -127,7 +127,7 @@ def test_qlora_merge_measures_both_gaps_the_way_plain_libraries_do(qlora_adapter
 
 
 def test_dequantized_is_refused_for_an_adapter_not_trained_in_4_bit(tiny_model_dir, tmp_path, capsys):
-    from test_server import make_adapter
+    from server_helpers import make_adapter
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "run" / "final", seed=1)
     args = ["merge", "--adapter", str(adapter), "--model", str(tiny_model_dir), "--out", str(tmp_path / "m")]

@@ -16,7 +16,7 @@ from danlu.app.cli import main
 from danlu.app.server import Service, build_service, create_app
 from danlu.infer import Delta, Engine, Generation, RequestError
 from danlu.infer.reasoning import ReasoningSplitter, opens_reasoning, split_reasoning
-from test_server import GREEDY, HI, make_adapter, running, serve_args
+from server_helpers import GREEDY, HI, make_adapter, running, serve_args
 
 # Qwen3's way: the model opens <think> itself; enable_thinking=false writes an empty block into the
 # prompt. This one, like DeepSeek-R1's, opens the block in the prompt when thinking is on.

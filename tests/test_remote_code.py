@@ -197,7 +197,7 @@ def test_serve_takes_the_trust_from_the_run(adapter, no_prompt):
     pytest.importorskip("fastapi")
     httpx = pytest.importorskip("httpx")
     from danlu.app.server import build_service, create_app
-    from test_server import running, serve_args
+    from server_helpers import running, serve_args
 
     service = build_service(serve_args(None, [f"tuned={adapter}"]))
     assert type(service.engine.model.get_base_model()).__name__ == "DanluRemoteForCausalLM"

@@ -194,7 +194,7 @@ def test_real_model_streams_into_the_page_and_saves_the_screenshot(tmp_path):
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    from test_server import make_adapter
+    from server_helpers import make_adapter
 
     return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("web") / "a", seed=1)
 
@@ -270,7 +270,7 @@ def test_a_conversation_the_template_refuses_shows_one_line(tiny_model_dir, tmp_
     from playwright.sync_api import expect
     from transformers import AutoTokenizer
 
-    from test_server import TOOL_TEMPLATE, make_adapter
+    from server_helpers import TOOL_TEMPLATE, make_adapter
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "a", seed=1)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
