@@ -176,6 +176,7 @@ def test_dpo_run_logs_rewards_every_step_and_resumes_exactly(tiny_model_dir, tmp
     assert rows[-1]["rewards_margin"] > 0 and rows[-1]["loss"] < rows[0]["loss"]
     said = "adapter disabled" if method == "lora" else "computed once"
     assert any(said in r.message for r in caplog.records)
+    assert any("chosen and rejected in one batch, each prompt once" in r.message for r in caplog.records)
     png = (whole.output_dir / "loss.png").read_bytes()
     assert int.from_bytes(png[20:24], "big") == 650  # taller: the reward-accuracy panel under the loss
 

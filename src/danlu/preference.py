@@ -120,8 +120,13 @@ class Preference:
     def describe_fast(self, plain: Any, world: Any) -> str:
         if world.strategy in PLAIN_LOSS_STRATEGIES or self.options is None:
             return "not available here (plain log-probs from the full logits)"
-        together = "reply and mismatched reply" if self.name == "kto" else "chosen and rejected"
-        return fast_describe(plain).replace("chunked loss", f"chunked log-probs, {together} in one batch")
+        if self.name == "kto":
+            together = "reply and mismatched reply in one batch"
+        else:
+            together = "chosen and rejected in one batch" + (
+                ", each prompt once" if self.options.prefix else ""
+            )
+        return fast_describe(plain).replace("chunked loss", f"chunked log-probs, {together}")
 
     def start(self, run: Any) -> None:
         """Decide (and log) the reference; for full tuning compute or read back its log-probs."""
