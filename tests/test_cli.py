@@ -211,6 +211,25 @@ def test_model_folder_without_config_json(capsys, tmp_path, config_file, data_fi
 # ------------------------------------------------------------------ output folder
 
 
+def test_a_conversion_placed_by_another_process_is_kept_not_replaced(tmp_path):
+    """Two processes converting the embedded model at once (the board starts two commands): the one
+    that finishes second keeps the folder the first placed, whose files readers may be loading; a
+    folder left by an interrupted conversion (no config.json) is replaced."""
+    from danlu.model import place
+
+    target, tmp = tmp_path / "m", tmp_path / ".m-2"
+    for folder, text in ((target, "first"), (tmp, "second")):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        (folder / "tokenizer.json").write_text(text)
+    inode = target.stat().st_ino
+    place(tmp, target)
+    assert (target / "tokenizer.json").read_text() == "first" and target.stat().st_ino == inode
+    (target / "config.json").unlink()  # as an interrupted conversion leaves it
+    place(tmp, target)
+    assert (target / "tokenizer.json").read_text() == "second" and not tmp.exists()
+
+
 def test_existing_run_refused_without_overwrite(capsys, tmp_path, config_file, data_file, tiny_model_dir):
     out = tmp_path / "out"
     out.mkdir()

@@ -110,13 +110,28 @@ def materialize(alias: Alias) -> Path:
         )
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # a half-written folder from an interrupted conversion
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        place(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def place(tmp: Path, target: Path) -> None:
+    """Move a finished conversion ``tmp`` to ``target`` in one rename. A complete ``target`` (another
+    process converted the same model at the same time and placed it first, also in one rename) is
+    kept as it is: removing it would pull the files from under that process's readers (the board
+    starts two commands at once). Only a folder without ``config.json`` (an old, interrupted
+    conversion) is removed first."""
+    if (target / "config.json").is_file():
+        return
+    if target.exists():
+        shutil.rmtree(target)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():  # not a conversion that won the race
+            raise
 
 
 @contextmanager
