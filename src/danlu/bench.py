@@ -71,10 +71,6 @@ from danlu.fast.loss import loss_sum
 from danlu.methods import make_optimizer, prepare
 from danlu.plan import SHAPES
 
-# the names the benchmarks/ scripts knew these by
-_build, _config, _flops = build, train_config, flops
-
-
 # the danlu variants: None is danlu's plain path (train.fast=off), the rest are fast.Options
 FULL = ("danlu fast (train.fast=auto)", fast.ALL)  # after the ablation: + cuDNN attention, equal lengths
 ABLATION = [
