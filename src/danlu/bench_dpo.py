@@ -8,8 +8,14 @@ checkpointing as its config sets it); danlu's is what ``danlu train`` runs for
 ``train.objective: dpo``: both branches in one padding-free batch with each pair's prompt run once
 (:mod:`danlu.fast.pairs`), the chunked per-row log-probs, the reference as the adapter disabled,
 under the same compiled layers. A middle row runs danlu with the prompt once per reply, to show
-what the sharing brings. Every path starts from the same LoRA weights, so the loss curves compare.
+what the sharing brings. Every path starts from the same LoRA weights, so the loss curves compare,
+and the first step's LoRA gradients of each path are compared with TRL's (cosine similarity).
 Tokens/s count both whole rows of each pair (the data's tokens), whatever a path runs.
+
+TRL's trainer turns gradient checkpointing on in ``Trainer.train()``, not when it is built; this case
+calls ``compute_loss`` itself, so it turns it on the same way (:func:`_checkpointing_as_train_does`)
+and says which baseline rows checkpoint. TRL runs both ways: with checkpointing (``DPOConfig``'s
+default, the baseline) and without (like for like with danlu's default).
 """
 
 from __future__ import annotations
@@ -31,10 +37,16 @@ from danlu.methods import make_optimizer, prepare
 from danlu.plan import SHAPES
 
 BETA = 0.1
+LR = 1e-5
+"""Every path's learning rate: a preference-tuning one (LoRA DPO runs use 5e-6 to 5e-5). At SFT's
+2e-4 the first Adam step, which moves every lora_B entry by about the learning rate whatever its
+gradient, took the 8B shape's loss from 0.69 to anywhere between 0.02 and 0.27 (paths computing
+the same numbers differed by 2.5x: bf16 rounding decided it) and to 0 by the fourth step."""
 
 
-PATHS = [  # (label, danlu's fast-path options or None for TRL, train.gradient_checkpointing)
-    ("baseline: TRL DPOTrainer + peft, checkpointing", None, True),
+PATHS = [  # (label, danlu's fast-path options or None for TRL, gradient checkpointing)
+    ("baseline: TRL DPOTrainer + peft, checkpointing (DPOConfig's default)", None, True),
+    ("TRL DPOTrainer + peft, no checkpointing", None, False),
     ("danlu fast, checkpointing, each pair's prompt run twice", fast.Options(prefix=False), True),
     ("danlu fast (train.fast=auto), checkpointing", fast.ALL, True),
     ("danlu fast (train.fast=auto), no checkpointing (danlu's default)", fast.ALL, False),
@@ -45,27 +57,14 @@ def case(c: Case, s: parts.Settings, device: str, peak: float, log: Callable[[st
     """TRL's DPOTrainer + peft against danlu's DPO step on the same pairs, from the same LoRA start."""
     shape = parts.SMOKE_SHAPE if s.smoke else SHAPES[c.shape]
     model_type = parts.model_type_of(c.shape)
-    # chosen replies from one random vocabulary, rejected ones from another: something to learn, so
-    # the loss curves fall and can be compared (replies of the same kind leave DPO's loss at noise)
-    n = s.batch * (s.steps + s.warmup)
-    good = parts.random_rows(shape["vocab_size"], n, s.seq, seed=1)
-    bad = parts.random_rows(shape["vocab_size"], n, s.seq, seed=2)
-    half = s.seq // 2  # each branch: half prompt, half reply
-    batches = []
-    for i in range(0, n, s.batch):
-        chosen, rejected = good[i : i + s.batch], bad[i : i + s.batch]
-        rejected = [
-            (c_ids[:half] + r_ids[half:], 0) for (c_ids, _), (r_ids, _) in zip(chosen, rejected, strict=True)
-        ]
-        batches.append(
-            pair_batch(parts.pad_rows([(ids, half) for ids, _ in chosen + rejected]), [half] * s.batch)
-        )
+    batches = pair_batches(shape["vocab_size"], s.batch, s.steps + s.warmup, s.seq)
     warm, timed = batches[: s.warmup], batches[s.warmup :]
-    results = []
+    results, first_grads, checkpointed = [], None, {}
     for label, options, checkpointing in PATHS:
         base = parts.build(shape, model_type, device)
         if options is None:
-            model, step = trl_model(base, list(parts.LINEARS), bf16=device == "cuda")
+            model, step = trl_model(base, list(parts.LINEARS), device == "cuda", checkpointing)
+            checkpointed[label] = checkpoints(model)
         else:
             cfg = parts.train_config()
             cfg.train.gradient_checkpointing = checkpointing
@@ -73,12 +72,18 @@ def case(c: Case, s: parts.Settings, device: str, peak: float, log: Callable[[st
             step = danlu_step(options)
         same_start(model)
         optimizer = make_optimizer(
-            [p for p in model.parameters() if p.requires_grad], parts.train_config(), device
+            [p for p in model.parameters() if p.requires_grad], optimizer_config(), device
         )
+        grads = first_step_grads(model, step, warm[0], device)
+        first_grads = grads if first_grads is None else first_grads
         res = parts.measure(label, model, optimizer, step, warm, timed, device)
         res.mfu = parts.flops(shape, timed) / sum(res.step_s) / 1e12 / peak
+        res.grad_cosine = cosine(grads, first_grads)
         results.append(res)
-        log(f"  {label}: {res.tokens_per_s:,.0f} tokens/s, MFU {res.mfu:.1%}, peak {res.peak_gib:.2f} GiB")
+        log(
+            f"  {label}: {res.tokens_per_s:,.0f} tokens/s, MFU {res.mfu:.1%}, peak {res.peak_gib:.2f} GiB, "
+            f"first-step LoRA gradient cosine to TRL's {res.grad_cosine:.5f}"
+        )
         del model, optimizer, base
         parts.free_memory()
     base_r, ours = results[0], results[-1]
@@ -88,7 +93,9 @@ def case(c: Case, s: parts.Settings, device: str, peak: float, log: Callable[[st
         "memory_ratio": ours.peak_gib / base_r.peak_gib if base_r.peak_gib else None,
         "loss_max_rel_diff": max(rel),
         "loss_mean_rel_diff": statistics.fmean(rel),
-        "each": {  # every danlu row against the baseline
+        "lr": LR,
+        "baseline_checkpointing": checkpointed,  # as the TRL model reports it, after it was turned on
+        "each": {  # every other row against the baseline
             r.path: {
                 "speedup": r.tokens_per_s / base_r.tokens_per_s,
                 "memory_ratio": r.peak_gib / base_r.peak_gib if base_r.peak_gib else None,
@@ -100,6 +107,25 @@ def case(c: Case, s: parts.Settings, device: str, peak: float, log: Callable[[st
         f"  danlu / baseline: {summary['speedup']:.2f}x tokens/s, {summary['memory_ratio'] or 0:.2f}x peak memory"
     )
     return {"what": c.what, "shape": c.shape, "paths": [r.__dict__ for r in results], **summary}
+
+
+def pair_batches(vocab: int, pairs_per_step: int, steps: int, seq: int) -> list[dict[str, torch.Tensor]]:
+    """``steps`` batches of pairs, each branch a ``seq // 2`` prompt and a ``seq // 2`` reply: chosen
+    replies from one random vocabulary, rejected ones from another, so there is something to learn
+    and the loss curves fall (replies of the same kind leave DPO's loss at noise)."""
+    n = pairs_per_step * steps
+    good = parts.random_rows(vocab, n, seq, seed=1)
+    bad = parts.random_rows(vocab, n, seq, seed=2)
+    half = seq // 2
+    batches = []
+    for i in range(0, n, pairs_per_step):
+        chosen, rejected = good[i : i + pairs_per_step], bad[i : i + pairs_per_step]
+        rejected = [
+            (c_ids[:half] + r_ids[half:], 0) for (c_ids, _), (r_ids, _) in zip(chosen, rejected, strict=True)
+        ]
+        rows = parts.pad_rows([(ids, half) for ids, _ in chosen + rejected])
+        batches.append(pair_batch(rows, [half] * pairs_per_step))
+    return batches
 
 
 def pair_batch(padded: dict[str, torch.Tensor], prompts: list[int]) -> dict[str, torch.Tensor]:
@@ -142,7 +168,51 @@ def _tokenizer() -> Any:
     )
 
 
-def trl_model(base: Any, target_modules: list[str], bf16: bool) -> tuple[Any, Callable]:
+def optimizer_config() -> Any:
+    cfg = parts.train_config()
+    cfg.train.lr = LR
+    return cfg
+
+
+def first_step_grads(model: Any, step: Callable, batch: dict[str, torch.Tensor], device: str) -> torch.Tensor:
+    """The LoRA gradients of the first batch from the starting weights, flattened in the
+    parameters' order of name (``lora_A``/``lora_B`` of each layer and projection), on the CPU."""
+    b = {k: v.to(device) for k, v in batch.items()}
+    with torch.autocast(device, dtype=torch.bfloat16):
+        step(model, b)
+    named = sorted((_lora_key(n), p) for n, p in model.named_parameters() if p.requires_grad)
+    flat = torch.cat([p.grad.detach().float().flatten().cpu() for _, p in named])
+    model.zero_grad(set_to_none=True)
+    return flat
+
+
+def _lora_key(name: str) -> str:
+    """A LoRA parameter's name from ``layers.`` on, without the adapter's name: the same in TRL's
+    peft model and danlu's."""
+    return name[name.index("layers.") :].replace(".default", "")
+
+
+def checkpoints(model: Any) -> bool:
+    """Whether any decoder layer of ``model`` is set to checkpoint (the flag transformers sets on them)."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+
+
+def _checkpointing_as_train_does(trainer: Any) -> None:
+    """Gradient checkpointing turned on the way ``Trainer.train()`` turns it on before its first step
+    (transformers 5: ``activation_checkpointing_enable``; earlier: ``gradient_checkpointing_enable``)."""
+    args, model = trainer.args, trainer.model
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+
+
+def trl_model(base: Any, target_modules: list[str], bf16: bool, checkpointing: bool) -> tuple[Any, Callable]:
     """TRL's DPOTrainer around ``base`` with a fresh LoRA r16 adapter: its model and its loss step."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -155,7 +225,7 @@ def trl_model(base: Any, target_modules: list[str], bf16: bool) -> tuple[Any, Ca
         output_dir=tempfile.mkdtemp(prefix="danlu-bench-trl-"),
         beta=BETA,
         bf16=bf16,
-        gradient_checkpointing=True,
+        gradient_checkpointing=checkpointing,
         report_to=[],
         seed=0,
         use_cpu=not bf16,
@@ -165,6 +235,8 @@ def trl_model(base: Any, target_modules: list[str], bf16: bool) -> tuple[Any, Ca
         model=base, args=args, train_dataset=data, processing_class=_tokenizer(), peft_config=lora
     )
     trainer.model.train()
+    if checkpointing:
+        _checkpointing_as_train_does(trainer)
 
     def step(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}

@@ -60,6 +60,7 @@ class PathResult:
     peak_gib: float = 0.0
     tokens: int = 0
     mfu: float = 0.0
+    grad_cosine: float | None = None  # first step's trainable gradients against the baseline's (DPO case)
 
 
 def model_type_of(shape_name: str) -> str:
