@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from danlu.fast import varlen
+from danlu.fast import pairs, varlen
 from test_pairs import LENGTHS, pair_batch, shared
 
 pytestmark = pytest.mark.gpu
@@ -48,6 +48,39 @@ def test_flash_attention_over_a_shared_prefix_equals_the_masked_attention_on_cud
 
     for ours, want in zip(run(torch.bfloat16, True), run(torch.float32, False), strict=True):
         assert float((ours - want).norm() / want.norm()) < 1e-2
+
+
+def test_equal_length_pairs_take_the_dense_attention_and_equal_the_masked_one_on_cuda(monkeypatch):
+    """Pairs whose sequences all have as many keys go through :func:`varlen.dense_shared` (cuDNN's
+    causal kernel over the gathered rows) in bf16: the same outputs and gradients as the masked
+    attention in fp32, as close as the variable-length flash kernel gets."""
+    torch.manual_seed(0)
+    heads, kv, d = 8, 2, 64
+    lengths = [(150, 90, 90), (60, 180, 180)]  # every row 240 tokens
+    batch = shared(pair_batch(lengths=lengths), lengths)
+    flat = pairs.flatten({k: v.cuda() for k, v in batch.items()})[0]
+    cpu_flat = pairs.flatten(batch)[0]
+    calls = []
+    dense_shared = varlen.dense_shared
+    monkeypatch.setattr(varlen, "dense_shared", lambda *a: calls.append(1) or dense_shared(*a))
+    total = flat.input_ids.numel()
+    q, k, v = (torch.randn(total, h, d) for h in (heads, kv, kv))
+    grad = torch.randn(total, heads, d)
+
+    def run(device, dtype, dense):
+        q_, k_, v_ = (t.to(device, dtype).requires_grad_() for t in (q, k, v))
+        out = varlen.attention(q_, k_, v_, flat if device == "cuda" else cpu_flat, d**-0.5, dense=dense)
+        out.backward(grad.to(device, dtype))
+        return [t.float().cpu() for t in (out, q_.grad, k_.grad, v_.grad)]
+
+    want = run("cpu", torch.float32, True)
+    varlen_kernel = run("cuda", torch.bfloat16, False)
+    assert not calls
+    dense = run("cuda", torch.bfloat16, True)
+    assert len(calls) == 1
+    for ours, flash, w in zip(dense, varlen_kernel, want, strict=True):
+        flash_err = float((flash - w).norm() / w.norm())
+        assert float((ours - w).norm() / w.norm()) <= 2 * flash_err + 1e-3
 
 
 def test_compiled_shared_prompt_pairs_equal_whole_rows_in_bf16_on_cuda():

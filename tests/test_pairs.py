@@ -17,11 +17,15 @@ from test_fast_decoder import SHAPES, small
 LENGTHS = [(9, 5, 11), (4, 1, 3), (12, 8, 8)]
 
 
-def pair_batch(vocab: int = 120) -> dict[str, torch.Tensor]:
+# pairs whose rows all have 10 tokens: every sequence has as many keys (the dense attention's case)
+EQUAL = [(6, 4, 4), (3, 7, 7)]
+
+
+def pair_batch(vocab: int = 120, lengths: list[tuple[int, int, int]] = LENGTHS) -> dict[str, torch.Tensor]:
     """``[chosen..., rejected...]`` right-padded rows whose pairs share their prompt's tokens."""
     g = torch.Generator().manual_seed(3)
     rows = []
-    for prompt, chosen, rejected in LENGTHS:
+    for prompt, chosen, rejected in lengths:
         p = torch.randint(3, vocab, (prompt,), generator=g)
         rows.append((p, torch.randint(3, vocab, (chosen,), generator=g)))
         rows.append((p, torch.randint(3, vocab, (rejected,), generator=g)))
@@ -37,8 +41,10 @@ def pair_batch(vocab: int = 120) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def shared(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {**batch, pairs.PROMPT_LENGTHS: pairs.prompt_lengths([p for p, _, _ in LENGTHS])}
+def shared(
+    batch: dict[str, torch.Tensor], lengths: list[tuple[int, int, int]] = LENGTHS
+) -> dict[str, torch.Tensor]:
+    return {**batch, pairs.PROMPT_LENGTHS: pairs.prompt_lengths([p for p, _, _ in lengths])}
 
 
 def test_the_shared_row_holds_each_prompt_once_and_scores_every_reply_token():
@@ -133,3 +139,32 @@ def test_sharing_can_be_switched_off_for_the_ablation():
     with torch.no_grad():
         sequence_logps(model, shared(pair_batch()), Options(prefix=False))
     assert seen == [sum(2 * p + c + r for p, c, r in LENGTHS)]
+
+
+def test_pairs_of_equal_length_run_shared_attention_as_a_dense_batch():
+    """Queries gathered like the keys make each sequence a whole row again: the dense causal batch
+    (cuDNN's kernel on CUDA; SDPA here), keeping each token's own query, equals the masked
+    shared-prefix attention in values and gradients."""
+    flat, _ = pairs.flatten(shared(pair_batch(lengths=EQUAL), EQUAL))
+    assert varlen.uniform_keys(flat) and not varlen.uniform_keys(pairs.flatten(shared(pair_batch()))[0])
+    # each token's own query: the chosen row's every key, the rejected row's keys after the prompt
+    assert flat.queries.tolist() == [*range(0, 10), *range(16, 20), *range(20, 30), *range(33, 40)]
+    torch.manual_seed(0)
+    tokens = flat.input_ids.numel()
+    q, k, v = (torch.randn(tokens, h, 8, requires_grad=True) for h in (4, 2, 2))
+    grad = torch.randn(tokens, 4, 8)
+
+    def run(dense):
+        for t in (q, k, v):
+            t.grad = None
+        if dense:
+            out = varlen.dense_shared(
+                q, k.index_select(0, flat.keys), v.index_select(0, flat.keys), flat, 0.3
+            )
+        else:
+            out = varlen.attention(q, k, v, flat, 0.3)  # one sequence at a time, masked
+        out.backward(grad)
+        return [out.detach(), *(t.grad.clone() for t in (q, k, v))]
+
+    for ours, want in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(ours, want)

@@ -45,6 +45,7 @@ def flatten(batch: dict[str, torch.Tensor]) -> tuple[Flat, Scored]:
     prompts = batch[PROMPT_LENGTHS].tolist()
     pieces, positions, seq_lengths, key_lengths = [], [], [], []
     keys: list[torch.Tensor] = []
+    queries: list[torch.Tensor] = []
     index: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
     rows: list[int] = []
@@ -58,6 +59,13 @@ def flatten(batch: dict[str, torch.Tensor]) -> tuple[Flat, Scored]:
         pieces += [ids[i, :chosen], ids[n + i, shared:rejected]]
         positions += [torch.arange(chosen, device=device), torch.arange(shared, rejected, device=device)]
         keys += [own, own[:shared], tail]
+        # each token's own query is the last of its sequence's keys: the chosen row's all, the
+        # rejected row's after the prompt
+        start = sum(key_lengths)
+        queries += [
+            torch.arange(start, start + chosen),
+            torch.arange(start + chosen + shared, start + chosen + rejected),
+        ]
         seq_lengths += [chosen, rejected - shared]
         key_lengths += [chosen, rejected]
         # a row's hidden state at position t predicts its label at t + 1
@@ -80,6 +88,7 @@ def flatten(batch: dict[str, torch.Tensor]) -> tuple[Flat, Scored]:
         keys=torch.cat(keys),
         cu_keys=cu_keys,
         max_keys=max(key_lengths),
+        queries=torch.cat(queries).to(device),
     )
     scored = Scored(
         torch.cat(index),

@@ -43,6 +43,9 @@ class Flat:
     keys: torch.Tensor | None = None  # [K] indices into the T tokens
     cu_keys: torch.Tensor | None = None  # [n + 1] int32
     max_keys: int = 0
+    # where each of the T tokens' own query sits among the K keys (the last ones of its sequence's):
+    # with sequences of equal key length, attention runs over the K keys as a dense batch
+    queries: torch.Tensor | None = None  # [T] indices into the K keys
 
 
 def flatten(batch: dict[str, torch.Tensor]) -> Flat:
@@ -90,6 +93,8 @@ def attention(
     cu_keys = flat.cu_keys if shared else flat.cu_seqlens
     if window is None and dense and flash and not shared and uniform(flat, q.shape[0]):
         return _dense(q.to(dtype), k.to(dtype), v.to(dtype), flat.cu_seqlens.numel() - 1, scale)
+    if window is None and dense and flash and shared and uniform_keys(flat):
+        return dense_shared(q.to(dtype), k.to(dtype), v.to(dtype), flat, scale)
     if flash and _varlen_attn is not None and (window is None or "window_size" in _CAUSAL):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return _varlen_attn(
@@ -132,6 +137,23 @@ def uniform(flat: Flat, tokens: int) -> bool:
     """Whether every sequence of ``flat`` has the same length (full rows of a padded batch, or
     rows packed to a fixed length), known without waiting for the GPU."""
     return (flat.cu_seqlens.numel() - 1) * flat.max_len == tokens
+
+
+def uniform_keys(flat: Flat) -> bool:
+    """Whether every sequence of a shared-prefix ``flat`` has the same number of keys (whole pairs of
+    equal length), known without waiting for the GPU."""
+    return flat.queries is not None and (flat.cu_keys.numel() - 1) * flat.max_keys == flat.keys.numel()
+
+
+def dense_shared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flat: Flat, scale: float) -> torch.Tensor:
+    """Shared-prefix attention (``k``/``v`` already gathered into each sequence's keys) as a dense
+    causal batch, for sequences of equal key length: the queries are gathered the same way, so each
+    sequence is a whole row again, and only the outputs of each token's own query are kept. The
+    prefix's queries are computed twice (a quarter more attention at prompts as long as replies),
+    but through cuDNN's kernel rather than the variable-length one (see :func:`_dense`); the
+    projections and MLPs still run the prefix once. The prefix's second queries get no gradient."""
+    out = _dense(q.index_select(0, flat.keys), k, v, flat.cu_keys.numel() - 1, scale)
+    return out.index_select(0, flat.queries)
 
 
 def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scale: float) -> torch.Tensor:
