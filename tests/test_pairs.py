@@ -168,3 +168,27 @@ def test_pairs_of_equal_length_run_shared_attention_as_a_dense_batch():
 
     for ours, want in zip(run(True), run(False), strict=True):
         torch.testing.assert_close(ours, want)
+
+
+def test_the_gathers_backward_sums_every_copy_as_index_select_does():
+    index = torch.tensor([0, 1, 2, 0, 1, 3, 2, 0])  # row 0 copied three times, row 4 never
+    inverse = varlen.inverse(index, 5)
+    assert inverse.tolist() == [[0, 3, 7], [1, 4, 8], [2, 6, 8], [5, 8, 8], [8, 8, 8]]
+    x = torch.randn(5, 3, requires_grad=True)
+    grad = torch.randn(8, 3)
+    varlen.gather(x, index, inverse).backward(grad)
+    ours, x.grad = x.grad, None
+    x.index_select(0, index).backward(grad)
+    torch.testing.assert_close(ours, x.grad)
+
+
+def test_a_reference_forward_on_the_policys_batch_reuses_its_flattening(monkeypatch):
+    calls = []
+    real = pairs._flatten
+    monkeypatch.setattr(pairs, "_flatten", lambda batch: calls.append(1) or real(batch))
+    batch = shared(pair_batch())
+    first = pairs.flatten(batch)
+    assert pairs.flatten(batch) is not None and len(calls) == 1
+    assert pairs.flatten(dict(batch))[0] is first[0]  # the same tensors in another dict
+    again = shared(pair_batch())  # the same values in new tensors: flattened anew
+    assert pairs.flatten(again)[0] is not first[0] and len(calls) == 2

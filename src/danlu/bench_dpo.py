@@ -63,7 +63,8 @@ def case(c: Case, s: parts.Settings, device: str, peak: float, log: Callable[[st
     for label, options, checkpointing in PATHS:
         base = parts.build(shape, model_type, device)
         if options is None:
-            model, step = trl_model(base, list(parts.LINEARS), device == "cuda", checkpointing)
+            trainer = trl_trainer(base, list(parts.LINEARS), device == "cuda", checkpointing)
+            model, step = trainer.model, trl_step(trainer)
             checkpointed[label] = checkpoints(model)
         else:
             cfg = parts.train_config()
@@ -84,7 +85,10 @@ def case(c: Case, s: parts.Settings, device: str, peak: float, log: Callable[[st
             f"  {label}: {res.tokens_per_s:,.0f} tokens/s, MFU {res.mfu:.1%}, peak {res.peak_gib:.2f} GiB, "
             f"first-step LoRA gradient cosine to TRL's {res.grad_cosine:.5f}"
         )
-        del model, optimizer, base
+        # the step (TRL's: through its trainer) holds the model too: kept, it would still hold this
+        # row's 15 GiB of weights while the next row runs and counts its peak
+        del model, optimizer, base, step
+        trainer = None
         parts.free_memory()
     base_r, ours = results[0], results[-1]
     rel = [abs(a - b) / max(abs(b), 1e-6) for a, b in zip(ours.losses, base_r.losses, strict=False)]
@@ -212,8 +216,8 @@ def _checkpointing_as_train_does(trainer: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
 
 
-def trl_model(base: Any, target_modules: list[str], bf16: bool, checkpointing: bool) -> tuple[Any, Callable]:
-    """TRL's DPOTrainer around ``base`` with a fresh LoRA r16 adapter: its model and its loss step."""
+def trl_trainer(base: Any, target_modules: list[str], bf16: bool, checkpointing: bool) -> Any:
+    """TRL's DPOTrainer around ``base`` with a fresh LoRA r16 adapter (``.model``), ready to step."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
@@ -237,14 +241,22 @@ def trl_model(base: Any, target_modules: list[str], bf16: bool, checkpointing: b
     trainer.model.train()
     if checkpointing:
         _checkpointing_as_train_does(trainer)
+    return trainer
 
+
+def trl_loss(trainer: Any, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """TRL's DPO loss of ``batch`` (``DPOTrainer.compute_loss``)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
+    return trainer.compute_loss(model, inputs)
+
+
+def trl_step(trainer: Any) -> Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]:
     def step(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
-        loss = trainer.compute_loss(model, inputs)
+        loss = trl_loss(trainer, model, batch)
         loss.backward()
         return loss
 
-    return trainer.model, step
+    return step
 
 
 def danlu_step(options: Options) -> Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]:

@@ -212,19 +212,14 @@ class Preference:
             batch[pairs.PROMPT_LENGTHS] = pairs.prompt_lengths(prompts)
         return {k: v.to(device) for k, v in batch.items()}
 
-    def _logps(
-        self, policy: Callable, rows: list[Sample], device: str, prompts: list[int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return policy(self._batch(rows, device, prompts))
-
-    def _reference(
-        self, plain: Any, rows: list[Sample], device: str, items: list, prompts: list[int] | None = None
-    ) -> torch.Tensor:
+    def _reference(self, plain: Any, batch: dict[str, torch.Tensor], items: list) -> torch.Tensor:
+        """The reference's log-probs of ``batch``'s rows (the policy's own batch: the fast path
+        reuses its flattening, :func:`danlu.fast.pairs.flatten`)."""
         if self.reference == "cache":
             values = [item.ref[k] for k in (0, 1) for item in items]
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return torch.tensor(values, dtype=torch.float32, device=batch["input_ids"].device)
         with torch.no_grad(), plain.disable_adapter():
-            return sequence_logps(plain, self._batch(rows, device, prompts), self.options)[0]
+            return sequence_logps(plain, batch, self.options)[0]
 
     def _losses(
         self, policy: Callable, plain: Any, items: list, device: str
@@ -235,9 +230,10 @@ class Preference:
             return self._kto(policy, plain, items, device), None
         rows = [data.row(p.prompt, p.chosen) for p in items] + [data.row(p.prompt, p.rejected) for p in items]
         prompts = [len(p.prompt) for p in items]
-        sums, counts = self._logps(policy, rows, device, prompts)
+        batch = self._batch(rows, device, prompts)
+        sums, counts = policy(batch)
         if self.name == "dpo":
-            ref = self._reference(plain, rows, device, items, prompts)
+            ref = self._reference(plain, batch, items)
             return objectives.dpo(sums[:n], sums[n:], ref[:n], ref[n:], s.b, s.label_smoothing), None
         avg = sums / counts.clamp(min=1)
         if self.name == "simpo":
@@ -248,10 +244,10 @@ class Preference:
         s = self.settings
         replies = [data.row(k.prompt, k.reply) for k in items]
         others = [data.row(k.prompt, k.other) for k in items]
-        logps = self._logps(policy, replies, device)[0]
+        logps = policy(self._batch(replies, device))[0]
         with torch.no_grad():
             mismatched = sequence_logps(plain, self._batch(others, device), self.options)[0]
-        ref = self._reference(plain, replies + others, device, items)
+        ref = self._reference(plain, self._batch(replies + others, device), items)
         n = len(items)
         kl = objectives.kto_kl(mismatched, ref[n:])
         desirable = torch.tensor([k.desirable for k in items], device=device)

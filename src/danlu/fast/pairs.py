@@ -14,11 +14,13 @@ rounding: the shared prompt is computed in one pass, and attention splits its ke
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from danlu.data.render import IGNORE
+from danlu.fast import varlen
 from danlu.fast.varlen import Flat
 
 PROMPT_LENGTHS = "prompt_lengths"
@@ -36,8 +38,24 @@ class Scored:
     rows: torch.Tensor
 
 
+_last: tuple[weakref.ref, weakref.ref, Flat, Scored] | None = None
+"""The last batch flattened (its input ids and prompt lengths, held weakly) and the result: a DPO
+step's reference forward runs on the policy's batch, and finds it here (the flattening reads
+lengths back from the GPU, which would wait for the policy's forward to finish)."""
+
+
 def flatten(batch: dict[str, torch.Tensor]) -> tuple[Flat, Scored]:
     """The shared padding-free row of a padded pair batch, and where each row's tokens are scored."""
+    global _last
+    ids, prompt_lengths = batch["input_ids"], batch[PROMPT_LENGTHS]
+    if _last is not None and _last[0]() is ids and _last[1]() is prompt_lengths:
+        return _last[2], _last[3]
+    flat, scored = _flatten(batch)
+    _last = weakref.ref(ids), weakref.ref(prompt_lengths), flat, scored
+    return flat, scored
+
+
+def _flatten(batch: dict[str, torch.Tensor]) -> tuple[Flat, Scored]:
     ids, labels, real = batch["input_ids"], batch["labels"], batch["attention_mask"].bool()
     device = ids.device
     n = ids.shape[0] // 2
@@ -90,6 +108,8 @@ def flatten(batch: dict[str, torch.Tensor]) -> tuple[Flat, Scored]:
         max_keys=max(key_lengths),
         queries=torch.cat(queries).to(device),
     )
+    flat.keys_inverse = varlen.inverse(flat.keys, at)
+    flat.queries_inverse = varlen.inverse(flat.queries, flat.keys.numel())
     scored = Scored(
         torch.cat(index),
         torch.cat(targets),

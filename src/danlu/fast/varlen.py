@@ -46,6 +46,9 @@ class Flat:
     # where each of the T tokens' own query sits among the K keys (the last ones of its sequence's):
     # with sequences of equal key length, attention runs over the K keys as a dense batch
     queries: torch.Tensor | None = None  # [T] indices into the K keys
+    # the inverses of ``keys`` and ``queries`` (:func:`inverse`), for their gathers' backward
+    keys_inverse: torch.Tensor | None = None  # [T, copies]
+    queries_inverse: torch.Tensor | None = None  # [K, 1]
 
 
 def flatten(batch: dict[str, torch.Tensor]) -> Flat:
@@ -89,7 +92,7 @@ def attention(
     window = window if window is not None and longest > window else None
     flash = q.is_cuda and dtype in (torch.float16, torch.bfloat16)
     if shared:  # each sequence's keys: a prefix gathered from the sequence that holds it, then its own
-        k, v = k.index_select(0, flat.keys), v.index_select(0, flat.keys)
+        k, v = gather(k, flat.keys, flat.keys_inverse), gather(v, flat.keys, flat.keys_inverse)
     cu_keys = flat.cu_keys if shared else flat.cu_seqlens
     if window is None and dense and flash and not shared and uniform(flat, q.shape[0]):
         return _dense(q.to(dtype), k.to(dtype), v.to(dtype), flat.cu_seqlens.numel() - 1, scale)
@@ -152,8 +155,45 @@ def dense_shared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flat: Flat, 
     prefix's queries are computed twice (a quarter more attention at prompts as long as replies),
     but through cuDNN's kernel rather than the variable-length one (see :func:`_dense`); the
     projections and MLPs still run the prefix once. The prefix's second queries get no gradient."""
-    out = _dense(q.index_select(0, flat.keys), k, v, flat.cu_keys.numel() - 1, scale)
-    return out.index_select(0, flat.queries)
+    out = _dense(gather(q, flat.keys, flat.keys_inverse), k, v, flat.cu_keys.numel() - 1, scale)
+    return gather(out, flat.queries, flat.queries_inverse)
+
+
+def inverse(index: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows, copies]: for each row of a tensor, the positions in ``index`` that copy it (as many
+    columns as the most-copied row has copies), ``len(index)`` where a row has fewer."""
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index, minlength=rows)
+    first = torch.cumsum(counts, 0) - counts  # where each row's copies start in ``order``
+    rank = torch.arange(index.numel(), device=index.device) - first[index[order]]
+    out = torch.full((rows, int(counts.max()) if rows else 0), index.numel(), device=index.device)
+    out[index[order], rank] = order
+    return out
+
+
+def gather(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor | None) -> torch.Tensor:
+    """``x.index_select(0, index)`` whose backward gathers too, given ``inverse`` (:func:`inverse`):
+    each row's gradient is the sum of its copies' (index_select's own backward is an atomic
+    index_add: 23 ms of an 8B DPO step on the H200, for the keys, values and queries)."""
+    if inverse is None:
+        return x.index_select(0, index)
+    return _Gather.apply(x, index, inverse)
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        padded = torch.cat([grad, grad.new_zeros(1, *grad.shape[1:])])  # a zero row for "no copy"
+        out = padded.index_select(0, inverse[:, 0])
+        for j in range(1, inverse.shape[1]):
+            out = out + padded.index_select(0, inverse[:, j])
+        return out, None, None
 
 
 def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scale: float) -> torch.Tensor:

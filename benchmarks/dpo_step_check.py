@@ -1,0 +1,123 @@
+"""One DPO update, TRL's and danlu's, taken apart on the GPU: why do their loss curves part?
+
+On the bench's 8B case (``danlu bench --cases dpo-8b``) the two start from the same LoRA weights
+and their first-step gradients point the same way, yet their losses part after the first update.
+This runs one step of each from the same start on the same pairs and compares: the gradients
+(norms, cosine, how many entries sit below AdamW's epsilon), the updates (norms, cosine), and the
+loss on the next pairs of each update as measured by each implementation's own forward, crossed
+(TRL's update through danlu's forward and the other way round). Prints and writes JSON::
+
+    python3 benchmarks/dpo_step_check.py [--layers 32] [--out dpo_step_check.json]
+
+Needs a CUDA GPU, TRL and datasets (``make gpu-bundle`` carries them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from danlu import bench_dpo, objectives
+from danlu import bench_parts as parts
+from danlu.fast import ALL
+from danlu.fast.loss import sequence_logps
+from danlu.methods import make_optimizer, prepare
+from danlu.plan import SHAPES
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {bench_dpo._lora_key(n): p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([tensors[k].detach().float().flatten() for k in sorted(tensors)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--out", default="dpo_step_check.json")
+    ap.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU, to check the flow")
+    args = ap.parse_args()
+    shape = dict(parts.SMOKE_SHAPE if args.smoke else SHAPES["llama3-8b"], num_hidden_layers=args.layers)
+    device, seq = ("cpu", 64) if args.smoke else ("cuda", 2048)
+    first, second = (
+        {k: v.to(device) for k, v in b.items()}
+        for b in bench_dpo.pair_batches(shape["vocab_size"], 2, 2, seq)
+    )
+
+    trainer = bench_dpo.trl_trainer(
+        parts.build(shape, "llama", device), list(parts.LINEARS), not args.smoke, True
+    )
+    trl_model, trl_step = trainer.model, bench_dpo.trl_step(trainer)
+    cfg = parts.train_config()
+    cfg.train.gradient_checkpointing = False
+    danlu_model = prepare(parts.build(shape, "llama", device), cfg, torch.bfloat16, quantized=False)
+    danlu_step = bench_dpo.danlu_step(ALL)
+
+    def trl_loss(batch: dict[str, torch.Tensor]) -> float:
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+            return float(bench_dpo.trl_loss(trainer, trl_model, batch))
+
+    def danlu_loss(batch: dict[str, torch.Tensor]) -> float:
+        rows = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "prompt_lengths")}
+        n = rows["input_ids"].shape[0] // 2
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+            logps, _ = sequence_logps(danlu_model, rows, ALL)
+            with danlu_model.disable_adapter():
+                ref, _ = sequence_logps(danlu_model, rows, ALL)
+        return float(objectives.dpo(logps[:n], logps[n:], ref[:n], ref[n:], bench_dpo.BETA).losses.mean())
+
+    out: dict = {
+        "shape": f"{'smoke' if args.smoke else 'llama3-8b'}, {args.layers} layers",
+        "lr": bench_dpo.LR,
+    }
+    grads, starts, updates, dtypes = {}, {}, {}, {}
+    for name, model, step in (("trl", trl_model, trl_step), ("danlu", danlu_model, danlu_step)):
+        bench_dpo.same_start(model)
+        params = trainable(model)
+        dtypes[name] = sorted({str(p.dtype) for p in params.values()})
+        starts[name] = flat(params)
+        optimizer = make_optimizer(list(params.values()), bench_dpo.optimizer_config(), device)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out[f"{name}_loss_first"] = float(step(model, first))
+        grads[name] = flat({k: p.grad for k, p in params.items()})
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        updates[name] = flat(params) - starts[name]
+    g_t, g_d = grads["trl"], grads["danlu"]
+    nonzero = g_t.abs() > 0
+    out.update(
+        trainable_dtypes=dtypes,
+        same_start=bool(torch.equal(starts["trl"], starts["danlu"])),
+        grad_norm={k: float(v.norm()) for k, v in grads.items()},
+        grad_cosine=float(torch.nn.functional.cosine_similarity(g_t, g_d, dim=0)),
+        grad_below_adam_eps={k: float((v[nonzero].abs() < 1e-8).float().mean()) for k, v in grads.items()},
+        grad_abs_median={k: float(v[nonzero].abs().median()) for k, v in grads.items()},
+        update_norm={k: float(v.norm()) for k, v in updates.items()},
+        update_cosine=float(torch.nn.functional.cosine_similarity(updates["trl"], updates["danlu"], dim=0)),
+    )
+    # each update measured by each forward on the next pairs
+    out["loss_next"] = {
+        "trl update, trl forward": trl_loss(second),
+        "danlu update, danlu forward": danlu_loss(second),
+    }
+    trl_params, danlu_params = trainable(trl_model), trainable(danlu_model)
+    saved = {k: p.detach().clone() for k, p in danlu_params.items()}
+    with torch.no_grad():
+        for k, p in danlu_params.items():
+            p.copy_(trl_params[k])
+    out["loss_next"]["trl update, danlu forward"] = danlu_loss(second)
+    with torch.no_grad():
+        for k, p in trl_params.items():
+            p.copy_(saved[k])
+    out["loss_next"]["danlu update, trl forward"] = trl_loss(second)
+    print(json.dumps(out, indent=1))
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
