@@ -5,7 +5,8 @@ and their first-step gradients point the same way, yet their losses part after t
 This runs one step of each from the same start on the same pairs and compares: the gradients
 (norms, cosine, how many entries sit below AdamW's epsilon), the updates (norms, cosine), and the
 loss on the next pairs of each update as measured by each implementation's own forward, crossed
-(TRL's update through danlu's forward and the other way round). Prints and writes JSON::
+(TRL's update through danlu's forward and the other way round), and, as the truth to hold both
+to, the loss of each update through the model's own forward in fp32. Prints and writes JSON::
 
     python3 benchmarks/dpo_step_check.py [--layers 32] [--out dpo_step_check.json]
 
@@ -33,6 +34,28 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 def flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([tensors[k].detach().float().flatten() for k in sorted(tensors)])
+
+
+def _unflat(values: torch.Tensor, params: dict[str, torch.nn.Parameter], key: str) -> torch.Tensor:
+    """Parameter ``key``'s part of ``values`` (laid out as :func:`flat` lays them)."""
+    at = 0
+    for k in sorted(params):
+        n = params[k].numel()
+        if k == key:
+            return values[at : at + n].view_as(params[k])
+        at += n
+    raise KeyError(key)
+
+
+def fp32_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    """The DPO loss of ``batch`` through the model's own forward (full logits), no autocast."""
+    rows = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    n = rows["input_ids"].shape[0] // 2
+    with torch.no_grad():
+        logps, _ = sequence_logps(model, rows, None)
+        with model.disable_adapter():
+            ref, _ = sequence_logps(model, rows, None)
+    return float(objectives.dpo(logps[:n], logps[n:], ref[:n], ref[n:], bench_dpo.BETA).losses.mean())
 
 
 def main() -> None:
@@ -114,6 +137,17 @@ def main() -> None:
         for k, p in trl_params.items():
             p.copy_(saved[k])
     out["loss_next"]["danlu update, trl forward"] = trl_loss(second)
+    # the truth to hold both to: each update (and the start) through the model's own forward in fp32
+    updates_at = {"start": starts["danlu"], "trl": starts["trl"] + updates["trl"], "danlu": saved}
+    trainer = trl_model = trl_step = trl_params = None  # TRL done: its weights freed for the fp32 copy
+    parts.free_memory()
+    danlu_model.float()
+    out["loss_next_fp32"] = {}
+    for name, values in updates_at.items():
+        with torch.no_grad():
+            for k, p in danlu_params.items():
+                p.copy_(values[k] if isinstance(values, dict) else _unflat(values, danlu_params, k))
+        out["loss_next_fp32"][f"{name} weights, plain fp32 forward"] = fp32_loss(danlu_model, second)
     print(json.dumps(out, indent=1))
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

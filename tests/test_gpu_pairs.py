@@ -68,7 +68,7 @@ def test_equal_length_pairs_take_the_dense_attention_and_equal_the_masked_one_on
     grad = torch.randn(total, heads, d)
 
     def run(device, dtype, dense):
-        q_, k_, v_ = (t.to(device, dtype).requires_grad_() for t in (q, k, v))
+        q_, k_, v_ = (t.detach().to(device, dtype).requires_grad_() for t in (q, k, v))
         out = varlen.attention(q_, k_, v_, flat if device == "cuda" else cpu_flat, d**-0.5, dense=dense)
         out.backward(grad.to(device, dtype))
         return [t.float().cpu() for t in (out, q_.grad, k_.grad, v_.grad)]
