@@ -63,9 +63,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--out", default="dpo_step_check.json")
     ap.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU, to check the flow")
+    ap.add_argument("--seq", type=int, default=0, help="tokens a row (default 2048; 64 with --smoke)")
     args = ap.parse_args()
     shape = dict(parts.SMOKE_SHAPE if args.smoke else SHAPES["llama3-8b"], num_hidden_layers=args.layers)
-    device, seq = ("cpu", 64) if args.smoke else ("cuda", 2048)
+    device, seq = ("cpu", args.seq or 64) if args.smoke else ("cuda", args.seq or 2048)
     first, second = (
         {k: v.to(device) for k, v in b.items()}
         for b in bench_dpo.pair_batches(shape["vocab_size"], 2, 2, seq)
