@@ -9,6 +9,7 @@ loss on the next pairs of each update as measured by each implementation's own f
 to, the loss of each update through the model's own forward in fp32. Prints and writes JSON::
 
     python3 benchmarks/dpo_step_check.py [--layers 32] [--out dpo_step_check.json]
+    python3 benchmarks/dpo_step_check.py --smoke --layers 4 --hidden 512 --vocab 32000 --seq 1024  # CPU
 
 Needs a CUDA GPU, TRL and datasets (``make gpu-bundle`` carries them).
 """
@@ -64,8 +65,15 @@ def main() -> None:
     ap.add_argument("--out", default="dpo_step_check.json")
     ap.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU, to check the flow")
     ap.add_argument("--seq", type=int, default=0, help="tokens a row (default 2048; 64 with --smoke)")
+    ap.add_argument("--hidden", type=int, default=0, help="with --smoke: hidden size (8 heads of hidden/8)")
+    ap.add_argument("--vocab", type=int, default=0, help="with --smoke: vocabulary size")
     args = ap.parse_args()
     shape = dict(parts.SMOKE_SHAPE if args.smoke else SHAPES["llama3-8b"], num_hidden_layers=args.layers)
+    if args.smoke and args.hidden:
+        shape.update(hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_attention_heads=8,
+                     num_key_value_heads=2, head_dim=args.hidden // 8)  # fmt: skip
+    if args.smoke and args.vocab:
+        shape["vocab_size"] = args.vocab
     device, seq = ("cpu", args.seq or 64) if args.smoke else ("cuda", args.seq or 2048)
     first, second = (
         {k: v.to(device) for k, v in b.items()}
