@@ -296,3 +296,21 @@ def test_one_answer_to_which_modules_are_the_decoder_layers(tiny_model_dir):
     bloom = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=16, n_layer=3, n_head=2))
     assert decoder_layers(bloom) is bloom.transformer.h
     assert decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2))) is None
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_prepare_turns_checkpointing_on_every_layer_as_configured(tiny_model_dir, tmp_path, checkpointing):
+    import warnings
+
+    from danlu import model as mdl
+    from danlu.methods import prepare
+
+    c = cfg(tiny_model_dir, tmp_path, f"train.gradient_checkpointing={str(checkpointing).lower()}")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = prepare(base, c, torch.float32, quantized=False)
+    flags = [layer.gradient_checkpointing for layer in mdl.decoder_layers(model.get_base_model())]
+    assert flags and set(flags) == {checkpointing}
+    # not through transformers' deprecated alias (to go in v6)
+    assert not [w for w in caught if "gradient_checkpointing_enable" in str(w.message)]

@@ -234,7 +234,7 @@ def load_path(
             base = prepare_model_for_kbit_training(base, True, {"use_reentrant": False})
         else:
             base = build(shape, model_type, device)
-            base.gradient_checkpointing_enable({"use_reentrant": False})
+            mdl.enable_checkpointing(base, {"use_reentrant": False})
         base.config.use_cache = False
         lora = LoraConfig(
             r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEARS, task_type="CAUSAL_LM"

@@ -29,6 +29,7 @@ import torch
 
 from danlu import bench_parts as parts
 from danlu import fast, objectives
+from danlu import model as mdl
 from danlu.bench_cases import Case
 from danlu.data.render import IGNORE
 from danlu.fast import Options, pairs
@@ -208,12 +209,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def _checkpointing_as_train_does(trainer: Any) -> None:
     """Gradient checkpointing turned on the way ``Trainer.train()`` turns it on before its first step
     (transformers 5: ``activation_checkpointing_enable``; earlier: ``gradient_checkpointing_enable``)."""
-    args, model = trainer.args, trainer.model
+    args = trainer.args
     kwargs = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+    mdl.enable_checkpointing(trainer.model, kwargs or None)
 
 
 def trl_trainer(base: Any, target_modules: list[str], bf16: bool, checkpointing: bool) -> Any:

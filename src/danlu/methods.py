@@ -34,7 +34,7 @@ def prepare(base: Any, cfg: Config, dtype: torch.dtype, quantized: bool) -> Any:
             if p.dtype == torch.float32 and dtype != torch.float32:
                 p.data = p.data.to(dtype)
     elif cfg.train.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        mdl.enable_checkpointing(base, checkpointing)
     model = make_trainable(base, cfg)
     model.train()  # from_pretrained returns eval mode: no dropout, and checkpointing would not act
     return model

@@ -296,6 +296,15 @@ def _generation_eos(ref: str | None) -> int | list[int] | None:
         return None
 
 
+def enable_checkpointing(model: Any, kwargs: dict[str, Any] | None = None) -> None:
+    """Gradient checkpointing on ``model``'s layers: transformers' ``activation_checkpointing_enable``
+    where it has it (``gradient_checkpointing_enable`` is its deprecated alias, to go in v6)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def decoder_layers(model: Any) -> torch.nn.ModuleList | None:
     """The model's stack of decoder layers, or None when it has none that can be told.
 
