@@ -125,11 +125,11 @@ def main() -> None:
         trainable_dtypes=dtypes,
         same_start=bool(torch.equal(starts["trl"], starts["danlu"])),
         grad_norm={k: float(v.norm()) for k, v in grads.items()},
-        grad_cosine=float(torch.nn.functional.cosine_similarity(g_t, g_d, dim=0)),
+        grad_cosine=bench_dpo.cosine(g_t, g_d),
         grad_below_adam_eps={k: float((v[nonzero].abs() < 1e-8).float().mean()) for k, v in grads.items()},
         grad_abs_median={k: float(v[nonzero].abs().median()) for k, v in grads.items()},
         update_norm={k: float(v.norm()) for k, v in updates.items()},
-        update_cosine=float(torch.nn.functional.cosine_similarity(updates["trl"], updates["danlu"], dim=0)),
+        update_cosine=bench_dpo.cosine(updates["trl"], updates["danlu"]),
     )
     # each update measured by each forward on the next pairs
     out["loss_next"] = {

@@ -212,14 +212,16 @@ class Preference:
             batch[pairs.PROMPT_LENGTHS] = pairs.prompt_lengths(prompts)
         return {k: v.to(device) for k, v in batch.items()}
 
-    def _reference(self, plain: Any, batch: dict[str, torch.Tensor], items: list) -> torch.Tensor:
-        """The reference's log-probs of ``batch``'s rows (the policy's own batch: the fast path
-        reuses its flattening, :func:`danlu.fast.pairs.flatten`)."""
+    def _reference(
+        self, plain: Any, items: list, device: str, batch: Callable[[], dict[str, torch.Tensor]]
+    ) -> torch.Tensor:
+        """The reference's log-probs of the rows ``batch()`` makes (only when they are not cached; for
+        DPO the policy's own batch, whose flattening the fast path reuses: :func:`danlu.fast.pairs.flatten`)."""
         if self.reference == "cache":
             values = [item.ref[k] for k in (0, 1) for item in items]
-            return torch.tensor(values, dtype=torch.float32, device=batch["input_ids"].device)
+            return torch.tensor(values, dtype=torch.float32, device=device)
         with torch.no_grad(), plain.disable_adapter():
-            return sequence_logps(plain, batch, self.options)[0]
+            return sequence_logps(plain, batch(), self.options)[0]
 
     def _losses(
         self, policy: Callable, plain: Any, items: list, device: str
@@ -233,7 +235,7 @@ class Preference:
         batch = self._batch(rows, device, prompts)
         sums, counts = policy(batch)
         if self.name == "dpo":
-            ref = self._reference(plain, batch, items)
+            ref = self._reference(plain, items, device, lambda: batch)
             return objectives.dpo(sums[:n], sums[n:], ref[:n], ref[n:], s.b, s.label_smoothing), None
         avg = sums / counts.clamp(min=1)
         if self.name == "simpo":
@@ -247,7 +249,7 @@ class Preference:
         logps = policy(self._batch(replies, device))[0]
         with torch.no_grad():
             mismatched = sequence_logps(plain, self._batch(others, device), self.options)[0]
-        ref = self._reference(plain, self._batch(replies + others, device), items)
+        ref = self._reference(plain, items, device, lambda: self._batch(replies + others, device))
         n = len(items)
         kl = objectives.kto_kl(mismatched, ref[n:])
         desirable = torch.tensor([k.desirable for k in items], device=device)
